@@ -1,0 +1,210 @@
+// Packed GEMM engine: loops jc (NC output columns) -> segment -> pc (KC reduction) -> pack B ->
+// parallel over row blocks (MC rows of one group) -> pack A -> NR x MR micro-tiles.
+//
+// The micro-kernel keeps an MR x NR tile of C in registers and streams an MR-interleaved A panel and
+// an NR-interleaved B panel. It is written with GCC/Clang vector extensions, so the same source is
+// AVX2+FMA on x86 (-mavx2 -mfma), NEON on aarch64 and plain scalar code elsewhere.
+#include "gemm.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <algorithm>
+#include <new>
+#include <stdexcept>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace fwdcore {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));  // unaligned access
+
+const char* gemm_simd_name() {
+#if defined(__AVX512F__)
+  return "avx512f";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2+fma";
+#elif defined(__ARM_NEON) || defined(__ARM_NEON__)
+  return "neon";
+#else
+  return "generic";
+#endif
+}
+
+static inline v8f ld8(const float* p) { return *(const v8f*)p; }
+static inline v8f ld8u(const float* p) { return *(const v8f_u*)p; }
+static inline void st8u(float* p, v8f v) { *(v8f_u*)p = v; }
+static inline v8f bcast(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+
+// C tile (mr x nr valid of MR x NR) = (first ? init : C) + A_panel . B_panel.
+template <int MR, int NR>
+static inline void ukernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
+                           int64_t ldc, const float* init, bool first, int mr, int nr) {
+  constexpr int NV = NR / 8;
+  v8f acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = bcast(0.0f);
+  for (int64_t p = 0; p < kc; ++p) {
+    v8f bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = ld8(b + p * NR + 8 * v);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const v8f av = bcast(a[p * MR + i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+    }
+  }
+  if (mr == MR && nr == NR) {
+    if (first) {
+      v8f iv[NV];
+      for (int v = 0; v < NV; ++v) iv[v] = init ? ld8u(init + 8 * v) : bcast(0.0f);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) st8u(c + i * ldc + 8 * v, acc[i][v] + iv[v]);
+    } else {
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) st8u(c + i * ldc + 8 * v, ld8u(c + i * ldc + 8 * v) + acc[i][v]);
+    }
+    return;
+  }
+  alignas(64) float tmp[MR * NR];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) *(v8f*)(tmp + i * NR + 8 * v) = acc[i][v];
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) {
+      const float base = first ? (init ? init[j] : 0.0f) : c[i * ldc + j];
+      c[i * ldc + j] = base + tmp[i * NR + j];
+    }
+}
+
+static float* alloc_floats(size_t n) {
+  size_t bytes = ((n * sizeof(float)) + 63) / 64 * 64;
+  if (bytes == 0) bytes = 64;
+  void* p = aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return (float*)p;
+}
+
+struct FreeGuard {
+  float* p;
+  ~FreeGuard() { free(p); }
+};
+
+template <int MR, int NR>
+static void run_impl(int G, int64_t M, int64_t N, std::vector<GemmSegment>& segs, const GemmOutput& out,
+                     int num_threads) {
+  const int64_t KC = 256;
+  const int64_t MC = 144;  // a multiple of 6 and 12
+  const int64_t NC = 1024; // a multiple of 8 and 16
+  const int64_t nc_max = std::min<int64_t>(NC, (N + NR - 1) / NR * NR);
+  size_t bsize = 0;
+  for (auto& s : segs) {
+    const size_t k = (size_t)std::min<int64_t>(s.kdim, KC);
+    bsize = std::max(bsize, (s.b_per_group ? (size_t)G : 1) * k * (size_t)nc_max);
+  }
+  float* bbuf = alloc_floats(bsize);
+  FreeGuard bguard{bbuf};
+  std::vector<char> written((size_t)G, 0);
+  const int64_t n_mblocks = (M + MC - 1) / MC;
+  int nt = num_threads;
+#ifdef _OPENMP
+  if (nt <= 0) nt = omp_get_max_threads();
+#else
+  nt = 1;
+#endif
+  // Every loop below runs identically on every thread; work is shared through `omp for` only.
+  bool failed = false;
+#pragma omp parallel num_threads(nt)
+  {
+    float* abuf = nullptr;
+    abuf = (float*)aligned_alloc(64, (size_t)MC * KC * sizeof(float));
+    if (!abuf) {
+#pragma omp atomic write
+      failed = true;
+    }
+#pragma omp barrier
+    if (!failed) {
+      for (int64_t jc = 0; jc < N; jc += NC) {
+        const int64_t nc = std::min(NC, N - jc);
+        const int64_t n_npanels = (nc + NR - 1) / NR;
+#pragma omp single
+        std::fill(written.begin(), written.end(), 0);
+        for (auto& s : segs) {
+          for (int64_t pc = 0; pc < s.kdim; pc += KC) {
+            const int64_t kc = std::min(KC, s.kdim - pc);
+            const int64_t bstride = n_npanels * NR * kc;  // one group's packed B block
+            // Pack B: one NR-column panel per iteration (per active group if B depends on it).
+            const int64_t nbg = s.b_per_group ? G : 1;
+#pragma omp for schedule(static) collapse(2)
+            for (int64_t g = 0; g < nbg; ++g)
+              for (int64_t jp = 0; jp < n_npanels; ++jp) {
+                if (s.b_per_group && !s.active[g]) continue;
+                const int64_t j0 = jp * NR;
+                s.pack_b((int)g, jc + j0, std::min<int64_t>(NR, nc - j0), pc, kc, NR, bbuf + g * bstride + j0 * kc);
+              }
+            // Multiply: tasks are (group, row block).
+#pragma omp for schedule(dynamic, 1) collapse(2)
+            for (int64_t g = 0; g < G; ++g)
+              for (int64_t ib = 0; ib < n_mblocks; ++ib) {
+                if (!s.active[g]) continue;
+                const int64_t i0 = ib * MC, mc = std::min(MC, M - i0);
+                s.pack_a((int)g, i0, mc, pc, kc, MR, abuf);
+                const float* bp = bbuf + (s.b_per_group ? g * bstride : 0);
+                const bool first = pc == 0 && !written[g];
+                const float* init = out.init.empty() ? nullptr : out.init[g];
+                const int64_t ldc = out.ldc[g];
+                float* cg = out.c[g] + i0 * ldc + jc;
+                for (int64_t j0 = 0; j0 < nc; j0 += NR) {
+                  const int nr = (int)std::min<int64_t>(NR, nc - j0);
+                  for (int64_t r0 = 0; r0 < mc; r0 += MR) {
+                    const int mr = (int)std::min<int64_t>(MR, mc - r0);
+                    ukernel<MR, NR>(kc, abuf + r0 * kc, bp + j0 * kc, cg + r0 * ldc + j0, ldc,
+                                    init ? init + jc + j0 : nullptr, first, mr, nr);
+                  }
+                }
+              }
+          }
+#pragma omp single
+          for (int g = 0; g < G; ++g)
+            if (s.active[g] && s.kdim > 0) written[g] = 1;
+        }
+        // Groups no segment touched get their init row (or zeros).
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t i = 0; i < M; ++i) {
+            if (written[g]) continue;
+            float* row = out.c[g] + i * out.ldc[g] + jc;
+            const float* init = out.init.empty() ? nullptr : out.init[g];
+            if (init)
+              memcpy(row, init + jc, (size_t)nc * sizeof(float));
+            else
+              memset(row, 0, (size_t)nc * sizeof(float));
+          }
+      }
+    }
+    free(abuf);
+  }
+  if (failed) throw std::bad_alloc();
+}
+
+void gemm_run(int G, int64_t M, int64_t N, std::vector<GemmSegment>& segs, const GemmOutput& out, int num_threads) {
+  if (G <= 0 || M <= 0 || N <= 0) return;
+  for (auto& s : segs)
+    if ((int)s.active.size() != G) throw std::logic_error("gemm_run: segment activity list has the wrong size");
+  if ((int)out.c.size() != G || (int)out.ldc.size() != G || (!out.init.empty() && (int)out.init.size() != G))
+    throw std::logic_error("gemm_run: output lists have the wrong size");
+  if (N <= 8)
+    run_impl<12, 8>(G, M, N, segs, out, num_threads);
+  else
+    run_impl<6, 16>(G, M, N, segs, out, num_threads);
+}
+
+}  // namespace fwdcore

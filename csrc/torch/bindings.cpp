@@ -1,0 +1,126 @@
+// torch bindings of the core: thin wrappers that check tensors and call the C API.
+// The public ops (torch.ops.fwdkernels.*) are declared in Python (fwdkernels/*.py) with their fake
+// kernels; these functions are the "cpp" backend they dispatch to.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "../core/fwdcore.h"
+
+namespace {
+
+void check_status(fwd_status st) {
+  TORCH_CHECK(st == FWD_OK, fwd_last_error());
+}
+
+int dtype_code(const at::Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kFloat) return FWD_F32;
+  if (t.scalar_type() == at::kBFloat16) return FWD_BF16;
+  TORCH_CHECK(false, name, " must be float32 or bfloat16, got ", t.scalar_type());
+  return -1;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the cpp backend, got ", t.device());
+}
+
+// Rows must be contiguous; the row stride may be anything (it becomes the leading dimension).
+at::Tensor rows2d(const at::Tensor& t, const char* name) {
+  check_cpu(t, name);
+  at::Tensor u = t;
+  if (u.stride(-1) != 1) u = u.contiguous();
+  return u;
+}
+
+at::Tensor philox_words(int64_t seed, int64_t n, int64_t offset) {
+  TORCH_CHECK(n > 0, "numel must be positive, got ", n);
+  TORCH_CHECK(offset >= 0, "offset must be non-negative, got ", offset);
+  auto tmp = at::empty({n, 4}, at::TensorOptions().dtype(at::kInt));
+  check_status(fwd_philox_words((uint64_t)seed, n, offset, (uint32_t*)tmp.data_ptr<int32_t>(), at::get_num_threads()));
+  return tmp.to(at::kLong).bitwise_and(0xffffffffLL);
+}
+
+at::Tensor perturb(int64_t seed, int64_t n, int64_t offset, int64_t dist, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "cpp perturb produces float32 or bfloat16, got ", dtype);
+  auto out = at::empty({n}, at::TensorOptions().dtype(dtype));
+  check_status(fwd_perturb((uint64_t)seed, n, offset, (int)dist, dtype == at::kFloat ? FWD_F32 : FWD_BF16,
+                           out.data_ptr(), at::get_num_threads()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_dual(
+    const at::Tensor& x, const c10::optional<at::Tensor>& x_dot, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_A,
+    const c10::optional<at::Tensor>& lora_B, double scaling, const c10::optional<at::Tensor>& seeds, int64_t K,
+    int64_t offset_A, int64_t offset_B, int64_t offset_bias, int64_t dist, const c10::optional<at::Tensor>& A_dot,
+    const c10::optional<at::Tensor>& B_dot, const c10::optional<at::Tensor>& bias_dot) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "x must be (M, d_in) and weight (d_out, d_in)");
+  const int64_t M = x.size(0), d_in = x.size(1), d_out = weight.size(0);
+  const int in_dt = dtype_code(x, "x");
+  at::Tensor xs = rows2d(x, "x"), ws = rows2d(weight, "weight");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype ", weight.scalar_type(), " != x dtype ", x.scalar_type());
+  fwd_lora_dual_args a;
+  memset(&a, 0, sizeof(a));
+  a.M = M; a.d_in = d_in; a.d_out = d_out; a.K = K;
+  a.in_dtype = in_dt; a.out_dtype = in_dt;
+  a.x = xs.data_ptr(); a.ldx = xs.stride(0);
+  a.W = ws.data_ptr(); a.ldw = ws.stride(0);
+  at::Tensor xds, bs, As, Bs, Ads, Bds, bds, ss;
+  if (x_dot) {
+    TORCH_CHECK(x_dot->dim() == 3 && x_dot->size(0) == K && x_dot->size(1) == M && x_dot->size(2) == d_in,
+                "x_dot must be (K, M, d_in)");
+    xds = x_dot->contiguous();  // rows addressed as (k*M + m) * ld
+    check_cpu(xds, "x_dot");
+    a.x_dot = xds.data_ptr(); a.ldx_dot = d_in;
+  }
+  if (bias) { bs = bias->contiguous(); check_cpu(bs, "bias"); a.bias = bs.data_ptr(); }
+  if (lora_A) {
+    As = rows2d(*lora_A, "lora_A"); Bs = rows2d(*lora_B, "lora_B");
+    a.A = As.data_ptr(); a.lda = As.stride(0); a.r = As.size(0);
+    a.B = Bs.data_ptr(); a.ldb = Bs.stride(0);
+  }
+  if (A_dot) { Ads = A_dot->contiguous(); check_cpu(Ads, "A_dot"); a.A_dot = Ads.data_ptr(); }
+  if (B_dot) { Bds = B_dot->contiguous(); check_cpu(Bds, "B_dot"); a.B_dot = Bds.data_ptr(); }
+  if (bias_dot) { bds = bias_dot->contiguous(); check_cpu(bds, "bias_dot"); a.bias_dot = bds.data_ptr(); }
+  if (seeds) { ss = seeds->contiguous(); check_cpu(ss, "seeds"); a.seeds = ss.data_ptr<int64_t>(); }
+  a.scaling = (float)scaling;
+  a.offset_A = offset_A; a.offset_B = offset_B; a.offset_bias = offset_bias;
+  a.dist = (int)dist;
+  auto y = at::empty({M, d_out}, x.options());
+  auto y_dot = at::empty({K, M, d_out}, x.options());
+  a.y = y.data_ptr(); a.ldy = d_out;
+  a.y_dot = y_dot.data_ptr(); a.ldy_dot = d_out;
+  a.num_threads = at::get_num_threads();
+  check_status(fwd_lora_linear_dual(&a));
+  return {y, y_dot};
+}
+
+at::Tensor sgemm_nt(const at::Tensor& A, const at::Tensor& B) {
+  TORCH_CHECK(A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat, "sgemm_nt takes float32");
+  auto As = rows2d(A, "A"), Bs = rows2d(B, "B");
+  auto C = at::empty({A.size(0), B.size(0)}, A.options());
+  check_status(fwd_sgemm_nt(A.size(0), B.size(0), A.size(1), As.data_ptr<float>(), As.stride(0), Bs.data_ptr<float>(),
+                            Bs.stride(0), C.data_ptr<float>(), C.size(1), at::get_num_threads()));
+  return C;
+}
+
+uint64_t derive_seed(uint64_t base, const std::vector<int64_t>& ints) {
+  return fwd_derive_seed(base, ints.data(), (int)ints.size());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fwdkernels compiled CPU backend (torch bindings of the fwdcore C API)";
+  m.def("philox_words", &philox_words);
+  m.def("perturb", &perturb);
+  m.def("lora_linear_dual", &lora_linear_dual);
+  m.def("sgemm_nt", &sgemm_nt);
+  m.def("derive_seed", &derive_seed);
+  m.def("simd", []() { return std::string(fwd_simd()); });
+  m.def("core_version", []() { return std::string(fwd_version()); });
+#ifdef FWD_TORCH_VERSION
+  m.attr("torch_version") = FWD_TORCH_VERSION;
+#else
+  m.attr("torch_version") = "unknown";
+#endif
+}

@@ -1,0 +1,61 @@
+# fwdllm: `make run` (demo) and `make test` (tests) from a fresh clone.
+# Each target creates .venv if missing, installs the pinned dependencies, builds, then runs.
+PY ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+DEPS_STAMP := $(VENV)/.deps-stamp
+INSTALL_STAMP := $(VENV)/.install-stamp
+CMAKE_BUILD := build/cmake
+PYTEST_ARGS ?=
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: all run test test-py test-cpp bench build clean distclean
+
+all: build
+
+$(PYTHON):
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel
+
+# torch is installed first and pinned with a constraint so nothing else can pull another build
+# (a bare `torch` requirement takes GBs of CUDA packages).
+$(DEPS_STAMP): $(PYTHON) requirements-dev.txt
+	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -c $(VENV)/constraints.txt -r requirements-dev.txt
+	touch $@
+
+$(INSTALL_STAMP): $(DEPS_STAMP) setup.py
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# Incremental rebuild of fwdkernels._C (ninja) after source edits.
+build: $(INSTALL_STAMP)
+	$(PYTHON) setup.py -q build_ext --inplace 2>&1 | grep -v -E "^(running|copying|creating)" || true
+	$(PYTHON) -c "import fwdkernels, fwdllm; from fwdkernels import _ext; assert _ext.C is not None, _ext.LOAD_ERROR"
+
+run: build
+	$(PYTHON) -m fwdllm.demo
+
+test: test-cpp test-py
+
+test-py: build
+	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
+
+# The torch-free C++ core and its ctest suite.
+test-cpp:
+	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build $(CMAKE_BUILD) -j2
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+bench: build
+	$(PYTHON) -m pytest bench -q --benchmark-json=bench/.last.json $(PYTEST_ARGS)
+	$(PYTHON) bench/report.py bench/.last.json
+
+clean:
+	rm -rf build fwdkernels/*.so *.egg-info
+
+distclean: clean
+	rm -rf $(VENV)

@@ -40,7 +40,8 @@ static inline v8f bcast(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 
 // C tile (mr x nr valid of MR x NR) = (first ? init : C) + A_panel . B_panel.
 template <int MR, int NR>
-static inline void ukernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
+static inline void ukernel(int64_t kc, const float* __restrict a, const float* __restrict b, int64_t kc2,
+                           const float* __restrict a2, const float* __restrict b2, float* __restrict c,
                            int64_t ldc, const float* init, bool first, int mr, int nr) {
   constexpr int NV = NR / 8;
   v8f acc[MR][NV];
@@ -48,15 +49,21 @@ static inline void ukernel(int64_t kc, const float* __restrict a, const float* _
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = bcast(0.0f);
-  for (int64_t p = 0; p < kc; ++p) {
-    v8f bv[NV];
+  // Two (A, B) panel pairs: the main reduction block and an optional fused tail (kc2 may be 0).
+  for (int part = 0; part < 2; ++part) {
+    const int64_t n = part ? kc2 : kc;
+    const float* __restrict pa = part ? a2 : a;
+    const float* __restrict pb = part ? b2 : b;
+    for (int64_t p = 0; p < n; ++p) {
+      v8f bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = ld8(b + p * NR + 8 * v);
+      for (int v = 0; v < NV; ++v) bv[v] = ld8(pb + p * NR + 8 * v);
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const v8f av = bcast(a[p * MR + i]);
+      for (int i = 0; i < MR; ++i) {
+        const v8f av = bcast(pa[p * MR + i]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+        for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+      }
     }
   }
   if (mr == MR && nr == NR) {
@@ -112,6 +119,26 @@ static void run_impl(int G, int64_t M, int64_t N, std::vector<GemmSegment>& segs
   }
   float* bbuf = alloc_floats(bsize);
   FreeGuard bguard{bbuf};
+  // Fused tails: which groups each segment runs alone (eff) and which ride on the previous one.
+  const size_t S = segs.size();
+  std::vector<std::vector<char>> eff(S), fused(S);
+  size_t tsize = 0;
+  int64_t kt_max = 0;
+  for (size_t si = 0; si < S; ++si) {
+    eff[si] = segs[si].active;
+    fused[si].assign(G, 0);
+    if (si > 0 && segs[si].fuse_with_prev && segs[si].kdim <= KC && segs[si].kdim > 0 && segs[si - 1].kdim > 0) {
+      for (int g = 0; g < G; ++g)
+        if (segs[si].active[g] && segs[si - 1].active[g]) {
+          fused[si][g] = 1;
+          eff[si][g] = 0;
+        }
+      tsize = std::max(tsize, (segs[si].b_per_group ? (size_t)G : 1) * (size_t)segs[si].kdim * (size_t)nc_max);
+      kt_max = std::max(kt_max, segs[si].kdim);
+    }
+  }
+  float* tbuf = alloc_floats(tsize);
+  FreeGuard tguard{tbuf};
   std::vector<char> written((size_t)G, 0);
   const int64_t n_mblocks = (M + MC - 1) / MC;
   int nt = num_threads;
@@ -125,7 +152,7 @@ static void run_impl(int G, int64_t M, int64_t N, std::vector<GemmSegment>& segs
 #pragma omp parallel num_threads(nt)
   {
     float* abuf = nullptr;
-    abuf = (float*)aligned_alloc(64, (size_t)MC * KC * sizeof(float));
+    abuf = (float*)aligned_alloc(64, (size_t)MC * (KC + kt_max) * sizeof(float));
     if (!abuf) {
 #pragma omp atomic write
       failed = true;
@@ -137,27 +164,51 @@ static void run_impl(int G, int64_t M, int64_t N, std::vector<GemmSegment>& segs
         const int64_t n_npanels = (nc + NR - 1) / NR;
 #pragma omp single
         std::fill(written.begin(), written.end(), 0);
-        for (auto& s : segs) {
+        for (size_t si = 0; si < S; ++si) {
+          GemmSegment& s = segs[si];
+          const std::vector<char>& act = eff[si];
+          GemmSegment* tail = (si + 1 < S && kt_max > 0 && std::find(fused[si + 1].begin(), fused[si + 1].end(), 1) !=
+                                                                 fused[si + 1].end())
+                                  ? &segs[si + 1]
+                                  : nullptr;
           for (int64_t pc = 0; pc < s.kdim; pc += KC) {
             const int64_t kc = std::min(KC, s.kdim - pc);
+            const bool last_block = pc + kc >= s.kdim;
+            const int64_t kt = (tail && last_block) ? tail->kdim : 0;
+            const int64_t tstride = n_npanels * NR * kt;
             const int64_t bstride = n_npanels * NR * kc;  // one group's packed B block
             // Pack B: one NR-column panel per iteration (per active group if B depends on it).
             const int64_t nbg = s.b_per_group ? G : 1;
 #pragma omp for schedule(static) collapse(2)
             for (int64_t g = 0; g < nbg; ++g)
               for (int64_t jp = 0; jp < n_npanels; ++jp) {
-                if (s.b_per_group && !s.active[g]) continue;
+                if (s.b_per_group && !act[g]) continue;
                 const int64_t j0 = jp * NR;
                 s.pack_b((int)g, jc + j0, std::min<int64_t>(NR, nc - j0), pc, kc, NR, bbuf + g * bstride + j0 * kc);
               }
+            if (kt > 0) {  // the fused tail's B panels, per group when they differ
+              const int64_t ntg = tail->b_per_group ? G : 1;
+#pragma omp for schedule(static) collapse(2)
+              for (int64_t g = 0; g < ntg; ++g)
+                for (int64_t jp = 0; jp < n_npanels; ++jp) {
+                  if (tail->b_per_group && !fused[si + 1][g]) continue;
+                  const int64_t j0 = jp * NR;
+                  tail->pack_b((int)g, jc + j0, std::min<int64_t>(NR, nc - j0), 0, kt, NR,
+                               tbuf + g * tstride + j0 * kt);
+                }
+            }
             // Multiply: tasks are (group, row block).
 #pragma omp for schedule(dynamic, 1) collapse(2)
             for (int64_t g = 0; g < G; ++g)
               for (int64_t ib = 0; ib < n_mblocks; ++ib) {
-                if (!s.active[g]) continue;
+                if (!act[g]) continue;
                 const int64_t i0 = ib * MC, mc = std::min(MC, M - i0);
                 s.pack_a((int)g, i0, mc, pc, kc, MR, abuf);
                 const float* bp = bbuf + (s.b_per_group ? g * bstride : 0);
+                const int64_t ktg = (kt > 0 && fused[si + 1][g]) ? kt : 0;
+                float* abuf2 = abuf + MC * KC;
+                const float* tp = tbuf + ((ktg > 0 && tail->b_per_group) ? g * tstride : 0);
+                if (ktg > 0) tail->pack_a((int)g, i0, mc, 0, ktg, MR, abuf2);
                 const bool first = pc == 0 && !written[g];
                 const float* init = out.init.empty() ? nullptr : out.init[g];
                 const int64_t ldc = out.ldc[g];
@@ -166,7 +217,8 @@ static void run_impl(int G, int64_t M, int64_t N, std::vector<GemmSegment>& segs
                   const int nr = (int)std::min<int64_t>(NR, nc - j0);
                   for (int64_t r0 = 0; r0 < mc; r0 += MR) {
                     const int mr = (int)std::min<int64_t>(MR, mc - r0);
-                    ukernel<MR, NR>(kc, abuf + r0 * kc, bp + j0 * kc, cg + r0 * ldc + j0, ldc,
+                    ukernel<MR, NR>(kc, abuf + r0 * kc, bp + j0 * kc, ktg, abuf2 + r0 * ktg, tp + j0 * ktg,
+                                    cg + r0 * ldc + j0, ldc,
                                     init ? init + jc + j0 : nullptr, first, mr, nr);
                   }
                 }
@@ -174,7 +226,7 @@ static void run_impl(int G, int64_t M, int64_t N, std::vector<GemmSegment>& segs
           }
 #pragma omp single
           for (int g = 0; g < G; ++g)
-            if (s.active[g] && s.kdim > 0) written[g] = 1;
+            if (act[g] && s.kdim > 0) written[g] = 1;
         }
         // Groups no segment touched get their init row (or zeros).
 #pragma omp for schedule(static) collapse(2)

@@ -19,6 +19,9 @@ namespace fwdcore {
 struct GemmSegment {
   int64_t kdim = 0;
   bool b_per_group = false;  // B panel differs between groups (perturbation slices)
+  // A short segment (kdim <= 256) that follows another: for the groups active in both, it is folded
+  // into the previous segment's last reduction block, so C is written once instead of re-read.
+  bool fuse_with_prev = false;
   std::vector<char> active;  // per group
   // Both callbacks pack rows [i0, i0 + n) of their operand (A: rows of group g; B: output columns)
   // over the reduction range [p0, p0 + kc) into panels of P rows: element (i, p) goes to
@@ -71,6 +74,21 @@ void pack_panel_gen(int64_t n, int64_t kc, int P, float* dst, F&& f) {
     float* d = dst + r0 * kc;
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t p = 0; p < kc; ++p) d[p * P + i] = f(r0 + i, p);
+    for (int64_t i = rows; i < P; ++i)
+      for (int64_t p = 0; p < kc; ++p) d[p * P + i] = 0.0f;
+  }
+}
+
+// Same layout, each row produced whole by fill(r, row_buffer) (r relative to the block; kc values).
+template <typename F>
+void pack_panel_rows(int64_t n, int64_t kc, int P, float* dst, float* row_buffer, F&& fill) {
+  for (int64_t r0 = 0; r0 < n; r0 += P) {
+    const int64_t rows = n - r0 < P ? n - r0 : P;
+    float* d = dst + r0 * kc;
+    for (int64_t i = 0; i < rows; ++i) {
+      fill(r0 + i, row_buffer);
+      for (int64_t p = 0; p < kc; ++p) d[p * P + i] = row_buffer[p];
+    }
     for (int64_t i = rows; i < P; ++i)
       for (int64_t p = 0; p < kc; ++p) d[p * P + i] = 0.0f;
   }

@@ -32,6 +32,9 @@ static inline int resolve_threads(int nt) {
 #endif
 }
 
+// Perturbation values for counters c0 .. c0+n-1 (8 lanes at a time where SIMD allows).
+void perturb_fill(uint64_t seed, uint64_t c0, int64_t n, int dist, float* out);
+
 void philox_words(uint64_t seed, int64_t n, int64_t offset, uint32_t* out, int nt);
 void perturb(uint64_t seed, int64_t n, int64_t offset, int dist, int out_dtype, void* out, int nt);
 void lora_linear_dual(const fwd_lora_dual_args& a);

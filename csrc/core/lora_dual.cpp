@@ -75,9 +75,10 @@ void run(const fwd_lora_dual_args& a) {
     }
     if (bias_trainable)
       for (int64_t k = 0; k < K; ++k, q += d_out) {
-        for (int64_t j = 0; j < d_out; ++j)
-          q[j] = bias_dot ? to_f32(bias_dot[k * d_out + j])
-                          : perturb_value((uint64_t)seeds[k], (uint64_t)(a.offset_bias + j), dist);
+        if (bias_dot)
+          for (int64_t j = 0; j < d_out; ++j) q[j] = to_f32(bias_dot[k * d_out + j]);
+        else
+          perturb_fill((uint64_t)seeds[k], (uint64_t)a.offset_bias, d_out, dist, q);
         out.init[1 + k] = q;
       }
   }
@@ -96,12 +97,20 @@ void run(const fwd_lora_dual_args& a) {
         pack_panel(x.row(i0), x.ld, n, p0, kc, Pn, dst);
       };
       sg.pack_b = [&](int, int64_t j0, int64_t n, int64_t p0, int64_t kc, int Pn, float* dst) {
-        pack_panel_gen(n, kc, Pn, dst, [&](int64_t jj, int64_t p) -> float {
-          const int64_t j = j0 + jj, col = p0 + p;
-          if (j < r) return to_f32(A.row(j)[col]);
+        std::vector<float> row((size_t)kc);
+        pack_panel_rows(n, kc, Pn, dst, row.data(), [&](int64_t jj, float* out) {
+          const int64_t j = j0 + jj;
+          if (j < r) {
+            for (int64_t p = 0; p < kc; ++p) out[p] = to_f32(A.row(j)[p0 + p]);
+            return;
+          }
           const int64_t k = (j - r) / r, i = (j - r) % r;
-          if (A_dot) return to_f32(A_dot[(k * r + i) * d_in + col]);
-          return perturb_value((uint64_t)seeds[k], (uint64_t)(a.offset_A + i * d_in + col), dist);
+          if (A_dot) {
+            for (int64_t p = 0; p < kc; ++p) out[p] = to_f32(A_dot[(k * r + i) * d_in + p0 + p]);
+            return;
+          }
+          // V_A,k row i, columns p0.. : consecutive counters, generated 8 at a time
+          perturb_fill((uint64_t)seeds[k], (uint64_t)(a.offset_A + i * d_in + p0), kc, dist, out);
         });
       };
       GemmOutput po;
@@ -163,6 +172,7 @@ void run(const fwd_lora_dual_args& a) {
     GemmSegment sg;
     sg.kdim = 2 * r;
     sg.b_per_group = true;
+    sg.fuse_with_prev = true;
     sg.active.assign(G, 1);
     sg.pack_a = [&](int g, int64_t i0, int64_t n, int64_t p0, int64_t kc, int Pn, float* dst) {
       if (g == 0)
@@ -175,13 +185,19 @@ void run(const fwd_lora_dual_args& a) {
     };
     sg.pack_b = [&](int g, int64_t j0, int64_t n, int64_t p0, int64_t kc, int Pn, float* dst) {
       const int64_t k = g - 1;
+      // Rows j0 .. j0+n of V_B,k are the consecutive counters offset_B + j0*r .. offset_B + (j0+n)*r.
+      std::vector<float> vb;
+      if (g > 0 && !B_dot) {
+        vb.resize((size_t)(n * r));
+        perturb_fill((uint64_t)seeds[k], (uint64_t)(a.offset_B + j0 * r), n * r, dist, vb.data());
+      }
       pack_panel_gen(n, kc, Pn, dst, [&](int64_t jj, int64_t p) -> float {
         const int64_t j = j0 + jj, c = p0 + p;
         if (c < r) return to_f32(B.row(j)[c]);
         if (g == 0) return 0.0f;
         const int64_t i = c - r;
         if (B_dot) return to_f32(B_dot[(k * d_out + j) * r + i]);
-        return perturb_value((uint64_t)seeds[k], (uint64_t)(a.offset_B + j * r + i), dist);
+        return vb[jj * r + i];
       });
     };
     segs.push_back(std::move(sg));

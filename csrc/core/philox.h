@@ -32,7 +32,11 @@ struct Words4 {
 FWD_HD Words4 philox4x32_10(uint64_t seed, uint64_t counter) {
   uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+#if defined(__CUDACC__)
 #pragma unroll
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 10
+#endif
   for (int r = 0; r < 10; ++r) {
     const uint64_t pa = (uint64_t)kPhiloxRoundA * c0;  // umulhi / mul of round A with old c0
     const uint64_t pb = (uint64_t)kPhiloxRoundB * c2;  // ... and of round B with old c2

@@ -12,6 +12,11 @@ static void check_gemm(int64_t M, int64_t N, int64_t K, int64_t pad_a, int64_t p
   std::vector<float> A((size_t)(M * lda)), B((size_t)(N * ldb));
   for (auto& v : A) v = (float)rng.uniform(-1, 1);
   for (auto& v : B) v = (float)rng.uniform(-1, 1);
+  // Padding is NaN: reading past a row would poison the result.
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t p = K; p < lda; ++p) A[i * lda + p] = NAN;
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t p = K; p < ldb; ++p) B[j * ldb + p] = NAN;
   const float sentinel = -777.25f;
   std::vector<float> C((size_t)(M * ldc), sentinel);
   const fwd_status st = fwd_sgemm_nt(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, nt);

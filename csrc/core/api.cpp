@@ -41,6 +41,12 @@ void need(bool ok, fwd_status code, const std::string& msg) {
   if (!ok) throw fwdcore::ArgError(code, msg);
 }
 std::string num(int64_t v) { return std::to_string((long long)v); }
+
+// Counters are offset + index as int64: the slice [offset, offset + n) must stay below 2^63.
+void need_range(int64_t offset, int64_t n, const char* what) {
+  need(n <= INT64_MAX - offset, FWD_ERR_SIZE,
+       std::string(what) + ": offset " + num(offset) + " + " + num(n) + " elements exceeds the int64 counter range");
+}
 }  // namespace
 
 extern "C" {
@@ -54,6 +60,7 @@ fwd_status fwd_philox_words(uint64_t seed, int64_t n, int64_t offset, uint32_t* 
     need(n > 0, FWD_ERR_SIZE, "n must be positive, got " + num(n));
     need(offset >= 0, FWD_ERR_SIZE, "offset must be non-negative, got " + num(offset));
     need(out != nullptr, FWD_ERR_NULL, "out is NULL");
+    need_range(offset, n, "fwd_philox_words");
     fwdcore::philox_words(seed, n, offset, out, fwdcore::resolve_threads(num_threads));
   });
 }
@@ -68,6 +75,7 @@ fwd_status fwd_perturb(uint64_t seed, int64_t n, int64_t offset, int dist, int o
          "dist must be FWD_DIST_RADEMACHER (0) or FWD_DIST_NORMAL (1), got " + num(dist));
     need(out_dtype == FWD_F32 || out_dtype == FWD_BF16, FWD_ERR_ARG,
          "out_dtype must be FWD_F32 (0) or FWD_BF16 (1), got " + num(out_dtype));
+    need_range(offset, n, "fwd_perturb");
     fwdcore::perturb(seed, n, offset, dist, out_dtype, out, fwdcore::resolve_threads(num_threads));
   });
 }
@@ -100,9 +108,16 @@ fwd_status fwd_lora_linear_dual(const fwd_lora_dual_args* args) {
       need(a.lda >= a.d_in && a.ldb >= a.r, FWD_ERR_SIZE, "lda < d_in or ldb < r");
       need(a.A_dot || a.offset_A >= 0, FWD_ERR_SIZE, "offset_A must be non-negative, got " + num(a.offset_A));
       need(a.B_dot || a.offset_B >= 0, FWD_ERR_SIZE, "offset_B must be non-negative, got " + num(a.offset_B));
+      need(a.r <= INT64_MAX / a.d_in && a.r <= INT64_MAX / a.d_out, FWD_ERR_SIZE, "r * d_in or d_out * r overflows");
+      if (!a.A_dot) need_range(a.offset_A, a.r * a.d_in, "lora_A's perturbation slice");
+      if (!a.B_dot) need_range(a.offset_B, a.d_out * a.r, "lora_B's perturbation slice");
     } else {
       need(!a.A_dot && !a.B_dot, FWD_ERR_ARG, "A_dot/B_dot given without lora_A/lora_B");
     }
+    need(a.K < (int64_t)1 << 30, FWD_ERR_SIZE, "K is too large: " + num(a.K));
+    need(!(a.bias == nullptr && (a.bias_dot != nullptr || a.offset_bias >= 0)), FWD_ERR_ARG,
+         "a bias tangent (offset_bias >= 0 or bias_dot) was given but bias is NULL");
+    if (!a.bias_dot && a.offset_bias >= 0) need_range(a.offset_bias, a.d_out, "the bias's perturbation slice");
     const bool gen = (lora && (!a.A_dot || !a.B_dot)) || (!a.bias_dot && a.offset_bias >= 0);
     need(!gen || a.seeds != nullptr, FWD_ERR_NULL, "seeds is NULL but a perturbation slice must be generated");
     fwdcore::lora_linear_dual(a);

@@ -33,6 +33,7 @@ static void test_philox_words() {
   EXPECT_ERR(fwd_philox_words(1, INT64_MIN, 0, out, 1), FWD_ERR_SIZE, fn, "n must be positive");
   EXPECT_ERR(fwd_philox_words(1, 2, -1, out, 1), FWD_ERR_SIZE, fn, "offset");
   EXPECT_ERR(fwd_philox_words(1, 2, INT64_MIN, out, 1), FWD_ERR_SIZE, fn, "offset");
+  EXPECT_ERR(fwd_philox_words(1, 3, INT64_MAX - 1, out, 1), FWD_ERR_SIZE, fn, "counter range");
   EXPECT_ERR(fwd_philox_words(1, 2, 0, nullptr, 1), FWD_ERR_NULL, fn, "out");
   for (int i = 0; i < 8; ++i) CHECK(out[i] == 0xCDCDCDCDu, "a failing fwd_philox_words wrote its output");
   EXPECT_OK(fwd_philox_words(1, 2, 0, out, 1));
@@ -175,6 +176,15 @@ static void test_lora() {
       {"ldb < r", [](Lora& L) { L.a.ldb = 1; }, FWD_ERR_SIZE, "ldb"},
       {"offset_A < 0", [](Lora& L) { L.a.offset_A = -1; }, FWD_ERR_SIZE, "offset_A"},
       {"offset_B < 0", [](Lora& L) { L.a.offset_B = -8; }, FWD_ERR_SIZE, "offset_B"},
+      {"offset_A slice past 2^63", [](Lora& L) { L.a.offset_A = INT64_MAX - 3; }, FWD_ERR_SIZE, "counter range"},
+      {"offset_bias slice past 2^63", [](Lora& L) { L.a.offset_bias = INT64_MAX - 1; }, FWD_ERR_SIZE,
+       "counter range"},
+      {"bias tangent without bias",
+       [](Lora& L) {
+         L.a.bias = nullptr;
+         L.a.offset_bias = 0;
+       },
+       FWD_ERR_ARG, "bias is NULL"},
       {"A_dot without LoRA",
        [](Lora& L) {
          L.a.A = L.a.B = nullptr;
@@ -244,7 +254,11 @@ static void test_lora() {
          L.a.x_dot = nullptr;
          L.a.ldx_dot = -3;
        }},
-      {"no bias", [](Lora& L) { L.a.bias = nullptr; }},
+      {"no bias", [](Lora& L) {
+         L.a.bias = nullptr;
+         L.a.offset_bias = -1;
+         L.a.bias_dot = nullptr;
+       }},
       {"normal dist, bf16 out", [](Lora& L) {
          L.a.dist = FWD_DIST_NORMAL;
          L.a.out_dtype = FWD_BF16;

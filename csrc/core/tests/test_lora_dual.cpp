@@ -420,7 +420,11 @@ int main() {
     int64_t M, d_in, d_out, r, K;
   } shapes[] = {
       {1, 5, 3, 1, 1},      {7, 33, 17, 4, 3},  {150, 300, 40, 8, 9}, {150, 5, 17, 1, 3},
-      {1, 300, 40, 8, 9},   {7, 300, 3, 4, 1},  {7, 33, 1030, 4, 3},  // d_out > 1024: several column blocks
+      {1, 300, 40, 8, 9},   {7, 300, 3, 4, 1},
+      {7, 33, 1030, 4, 3},  // d_out > 1024: several column blocks
+      // The low-rank tail [s u | s h] has 2r columns: 2r = 256 is one reduction block (fused into the
+      // last block of the d_in reduction), 2r = 258 / 260 need two blocks of their own.
+      {5, 300, 20, 128, 2}, {3, 40, 9, 129, 1}, {7, 33, 17, 130, 2},
   };
   const int64_t two32 = 4294967296ll;
   int idx = 0;
@@ -470,6 +474,13 @@ int main() {
       c.bias = false;
       c.bias_trainable = false;
       c.xdot = false;
+      cases.push_back(c);
+    }
+    {
+      Case c = base("no LoRA, no x_dot, trainable bias: y_dot = V_b only");
+      c.lora = false;
+      c.xdot = false;
+      c.nt = 2;
       cases.push_back(c);
     }
     {

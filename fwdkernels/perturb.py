@@ -240,7 +240,7 @@ def _check_range(numel, offset):
         raise ValueError(f"numel must be positive, got {numel}")
     if offset < 0:
         raise ValueError(f"offset must be non-negative, got {offset}")
-    if offset + numel > (1 << 63):
+    if offset + numel > (1 << 63) - 1:
         raise ValueError("offset + numel exceeds the int64 counter range")
 
 

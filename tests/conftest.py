@@ -19,10 +19,6 @@ import torch  # noqa: E402
 import fwdkernels  # noqa: E402
 
 
-def backend_available(name: str) -> bool:
-    return not fwdkernels.available_backends("cpu")[name]
-
-
 def pytest_report_header(config):
     lines = []
     for name, why in fwdkernels.available_backends("cpu").items():

@@ -18,9 +18,9 @@ import fwdkernels as fk
 from fwdkernels.perturb import perturb_op, words_op
 
 
-
 def backend_available(name: str) -> bool:
     return not fk.available_backends("cpu")[name]
+
 
 ALL_BACKENDS = ("reference", "cpp", "triton")
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not backend_available(b), reason=f"{b} backend unavailable"))
@@ -141,12 +141,15 @@ def test_negative_seed_is_twos_complement(backend):
         assert fk.seed_to_int64(neg + (1 << 64)) == neg
 
 
-def test_counter_carry_uses_high_word():
-    # counters 2**32 - 1 and 2**32 must differ only through the counter's high word; a kernel that
-    # truncates the offset to 32 bits would repeat counter 0 at 2**32.
-    w = fk.philox_words(99, 2, (1 << 32) - 1, backend="reference")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counter_carry_uses_high_word(backend):
+    # a kernel that truncated the counter to 32 bits would repeat counter 0 at 2**32
+    w = fk.philox_words(99, 2, (1 << 32) - 1, backend=backend)
+    assert w[0].tolist() == list(py_words(99, (1 << 32) - 1))
     assert w[1].tolist() == list(py_words(99, 1 << 32))
-    assert w[1].tolist() != fk.philox_words(99, 1, 0, backend="reference")[0].tolist()
+    assert w[1].tolist() != list(py_words(99, 0))
+    v = fk.perturb(99, 64, (1 << 32) - 32, "normal", backend=backend)
+    assert not torch.equal(v[32:], fk.perturb(99, 32, 0, "normal", backend=backend))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +246,22 @@ def test_slice_property(backend, dist, offset, a, b):
     assert torch.equal(full[a:b], part)
     wf = fk.philox_words(42, n, offset, backend=backend)
     assert torch.equal(wf[a:b], fk.philox_words(42, b - a, offset + a, backend=backend))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dist", ["rademacher", "normal"])
+@pytest.mark.parametrize("n,offset", [(70001, (1 << 32) - 40000), (4099, 3), (9, (1 << 32) - 3), (1, 5)])
+def test_cpp_long_and_short_ranges(n, offset, dist):
+    """cpp generates 8 lanes at a time in 4096-element chunks, threaded above 65536 elements: every
+    chunk/lane/thread boundary (and the 2**32 carry inside a lane group) must match the reference."""
+    got = fk.perturb(-424242, n, offset, dist, backend="cpp")
+    want = fk.perturb(-424242, n, offset, dist, backend="reference")
+    if dist == "rademacher":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(fk.philox_words(-424242, n, offset, backend="cpp"),
+                       fk.philox_words(-424242, n, offset, backend="reference"))
 
 
 def test_seed_changes_values():

@@ -18,7 +18,7 @@ import torch
 
 from . import _ext
 from .backends import Op
-from .perturb import DISTS, perturb, seed_to_int64
+from .perturb import DISTS, interpreter_bf16_reasons, perturb
 
 lora_linear_dual_op = Op("lora_linear_dual")
 
@@ -226,7 +226,7 @@ def _triton_kernels():
 def _triton_reasons(x=None, **_):
     if x.dtype not in _FLOAT:
         return [f"supports float32 and bfloat16, not {x.dtype}"]
-    return []
+    return interpreter_bf16_reasons(x.dtype, x.device)
 
 
 @lora_linear_dual_op.register("triton", _triton_reasons)

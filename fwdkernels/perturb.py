@@ -30,6 +30,8 @@ _U64 = (1 << 64) - 1
 def seed_to_int64(seed) -> int:
     """Normalise a 64-bit seed to the signed int64 that torch tensors and kernels carry."""
     if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise TypeError(f"a tensor seed must hold one integer, got dtype {seed.dtype} with {seed.numel()} elements")
         seed = int(seed)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -60,7 +62,7 @@ def derive_seed(base, *ints) -> int:
     s = seed_to_int64(base) & _U64
     for i in ints:
         if isinstance(i, torch.Tensor):
-            i = int(i)
+            i = seed_to_int64(i)
         if not isinstance(i, int) or isinstance(i, bool):
             raise TypeError(f"derive_seed takes ints, got {type(i).__name__}")
         s = _splitmix64(s ^ _splitmix64(i & _U64))
@@ -174,6 +176,18 @@ def _dtype_reasons(dtype=None, **_):
     return []
 
 
+def interpreter_bf16_reasons(dtype, device) -> list:
+    """Triton's CPU interpreter gets bfloat16 wrong (float32 -> bf16 truncates; tl.dot on bf16 returns
+    garbage), so the triton backend refuses bfloat16 there instead of returning wrong numbers."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+        return ["bfloat16 is not supported under Triton's CPU interpreter (it truncates bf16 conversions "
+                "and computes bf16 tl.dot wrongly); use float32 or a GPU"]
+    return []
+
+
+
+
+
 @perturb_op.register("reference")
 def _perturb_reference(seed, numel, offset, dist, dtype, device):
     w0, w1, _, _ = philox_reference(seed, _counters(numel, offset, device))
@@ -188,9 +202,11 @@ def _perturb_cpp(seed, numel, offset, dist, dtype, device):
 @perturb_op.register("triton", _dtype_reasons)
 def _perturb_triton(seed, numel, offset, dist, dtype, device):
     kern, _ = _triton_kernels()
-    out = torch.empty(numel, dtype=dtype, device=device)
+    # Triton's CPU interpreter truncates float32 -> bfloat16; round there with torch instead.
+    interp_bf16 = bool(interpreter_bf16_reasons(dtype, device))
+    out = torch.empty(numel, dtype=torch.float32 if interp_bf16 else dtype, device=device)
     kern[((numel + _BLOCK - 1) // _BLOCK,)](out, seed, offset, numel, DIST=DISTS[dist], BLOCK=_BLOCK)
-    return out
+    return out.to(dtype) if interp_bf16 else out
 
 
 @words_op.register("reference")

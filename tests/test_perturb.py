@@ -152,6 +152,18 @@ def test_counter_carry_uses_high_word(backend):
     assert not torch.equal(v[32:], fk.perturb(99, 32, 0, "normal", backend=backend))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_of_counter_range(backend):
+    # the largest counters accepted (offset + numel <= 2**63 - 1) are generated like any other
+    top = (1 << 63) - 1
+    w = fk.philox_words(7, 3, top - 3, backend=backend)
+    assert [row for row in w.tolist()] == [list(py_words(7, top - 3 + i)) for i in range(3)]
+    v = fk.perturb(7, 3, top - 3, "rademacher", backend=backend)
+    assert v.tolist() == [1.0 if py_words(7, top - 3 + i)[0] < (1 << 31) else -1.0 for i in range(3)]
+    with pytest.raises(ValueError, match="int64 counter range"):
+        fk.perturb(7, 4, top - 3, backend=backend)
+
+
 # ---------------------------------------------------------------------------------------------
 # perturbation values
 
@@ -218,8 +230,6 @@ def test_bf16_close_to_float32(backend, dist):
 
 
 @needs_triton
-@pytest.mark.xfail(TRITON_INTERPRETED, strict=False,
-                   reason="Triton's CPU interpreter converts float32 -> bfloat16 by truncation, not round-to-nearest-even")
 def test_bf16_triton_rounds_to_nearest_even():
     got = fk.perturb(7, 3000, 11, "normal", dtype=torch.bfloat16, backend="triton")
     assert torch.equal(got, fk.perturb(7, 3000, 11, "normal", backend="triton").to(torch.bfloat16))
@@ -406,7 +416,6 @@ def test_argument_errors(fn):
             f(bad, 10)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: a floating-point tensor seed is silently truncated by int()")
 def test_float_tensor_seed_rejected():
     with pytest.raises(TypeError):
         fk.perturb(torch.tensor(1.5), 10)

@@ -23,11 +23,14 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the cpp backend, got ", t.device());
 }
 
-// Rows must be contiguous; the row stride may be anything (it becomes the leading dimension).
+// Rows must be contiguous with a row stride of at least the row length (it becomes the leading
+// dimension); anything else (broadcast rows with stride 0, transposed views) is copied first.
 at::Tensor rows2d(const at::Tensor& t, const char* name) {
   check_cpu(t, name);
-  at::Tensor u = t;
-  if (u.stride(-1) != 1) u = u.contiguous();
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", t.dim(), " dimensions");
+  if (t.stride(1) == 1 && t.stride(0) >= t.size(1)) return t;
+  at::Tensor u = t.contiguous();
+  if (u.size(0) <= 1 && u.stride(0) < u.size(1)) u = u.clone(at::MemoryFormat::Contiguous).as_strided(u.sizes(), {u.size(1), 1});
   return u;
 }
 

@@ -30,7 +30,8 @@ def cpu_flags():
              f'-DFWD_TORCH_VERSION="{torch.__version__}"']
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
-        # Portable: every x86-64 CPU since 2013 has AVX2+FMA. Never -march=native (crashes elsewhere).
+        # Portable: every x86-64 CPU since 2013 has AVX2+FMA. Never the build host's native ISA: such
+        # binaries crash on older CPUs.
         flags += ["-mavx2", "-mfma", "-mf16c"]
     elif machine in ("aarch64", "arm64"):
         flags += ["-march=armv8-a"]  # NEON is part of armv8-a

@@ -787,3 +787,21 @@ def test_offset_and_pairing_errors():
     _bad("A_dot/B_dot given without lora_A/lora_B", lora_A=None, lora_B=None, A_dot=torch.randn(2, 3, 19))
     _bad("dist must be one of", dist="uniform")
     _bad("x and weight must be tensors", TypeError, x=[[1.0] * 19])
+
+
+@needs_cpp
+def test_torch_compile_fullgraph():
+    """The registered op traces under torch.compile (fake kernel) and gives the eager results."""
+    g = torch.Generator().manual_seed(3)
+    x, W = torch.randn(8, 16, generator=g), torch.randn(12, 16, generator=g)
+    A, B, b = torch.randn(2, 16, generator=g), torch.randn(12, 2, generator=g), torch.randn(12, generator=g)
+    seeds = torch.tensor([5, -7, 11])
+
+    def f(x):
+        y, yd = fk.lora_linear_dual(x, None, W, b, A, B, 2.0, seeds, 0, 32, offset_bias=56, backend="cpp")
+        return y.square().sum(), yd.sum(dim=(1, 2))
+
+    eager = f(x)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    for a, c in zip(eager, compiled):
+        torch.testing.assert_close(c, a)

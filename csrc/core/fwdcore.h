@@ -87,6 +87,45 @@ typedef struct {
 
 FWD_API fwd_status fwd_lora_linear_dual(const fwd_lora_dual_args* args);
 
+/* The fused dual (forward-mode) attention, one flash-style pass over the keys.
+ *
+ * Per batch b, query head h (kv head hk = h / (H / Hkv): grouped-query attention) and query row i, with
+ * scores s_j = scale q_i.k_j + mask_ij and tangent scores sd_j = scale (q_dot_i.k_j + q_i.k_dot_j):
+ *   p      = softmax_j(s)
+ *   o_i    = sum_j p_j v_j                                                       (B, H, L, D)
+ *   o_dot_i = sum_j p_j (sd_j v_j + v_dot_j) - (sum_j p_j sd_j) o_i  per tangent   (K, B, H, L, D)
+ * computed with a running max m, l = sum e^(s_j - m), a = sum e^(s_j - m) v_j and per tangent stream
+ * b = sum e^(s_j - m)(sd_j v_j + v_dot_j), c = sum e^(s_j - m) sd_j (all rescaled when m grows);
+ * o = a / l, o_dot = b / l - (c / l) o. The K tangent streams share the primal scores and every K/V
+ * load; no (L, S) score matrix is ever formed (per-task tiles of at most 32 x 64 scores).
+ *
+ * Layout: every tensor is dense row-major (contiguous) in the shape given; tangent stream k of q_dot
+ * starts at element k*B*H*L*D, of k_dot / v_dot at k*B*Hkv*S*D. Any of q_dot, k_dot, v_dot may be NULL
+ * (a zero tangent). K = 0 computes the primal only (tangents must then be NULL; o_dot may be NULL).
+ * mask (optional) is an additive float32 mask read as mask[b*ms[0] + h*ms[1] + i*ms[2] + j*ms[3]] with
+ * non-negative element strides ms = mask_stride (0 broadcasts a dimension); -INFINITY masks a key.
+ * causal != 0 additionally masks key j for query i unless j <= i + (S - L) (bottom-right aligned).
+ * A query row whose every key is masked gets o = 0 and o_dot = 0 (not NaN).
+ * dtype FWD_F32 or FWD_BF16 applies to q, k, v, the tangents, o and o_dot; accumulation is float32.
+ * Threads (OpenMP) split (b, h, 32-row query blocks); the result does not depend on the thread count.
+ */
+typedef struct {
+  int64_t B, H, Hkv, L, S, D, K;
+  int dtype;
+  const void* q;                            /* (B, H, L, D) */
+  const void* k; const void* v;             /* (B, Hkv, S, D) */
+  const void* q_dot;                        /* (K, B, H, L, D) or NULL */
+  const void* k_dot; const void* v_dot;     /* (K, B, Hkv, S, D) or NULL */
+  const float* mask; int64_t mask_stride[4];/* additive float32 mask (see above) or NULL */
+  int causal;
+  float scale;
+  void* o;                                  /* (B, H, L, D) */
+  void* o_dot;                              /* (K, B, H, L, D); may be NULL when K == 0 */
+  int num_threads;
+} fwd_attention_dual_args;
+
+FWD_API fwd_status fwd_attention_dual(const fwd_attention_dual_args* args);
+
 /* Plain GEMM used by the kernels, exposed for benchmarks and tests: C (M,N) = A (M,K) B(N,K)^T. */
 FWD_API fwd_status fwd_sgemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                                 int64_t ldb, float* C, int64_t ldc, int num_threads);

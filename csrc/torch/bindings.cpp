@@ -97,6 +97,81 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_dual(
   return {y, y_dot};
 }
 
+// The fused dual attention (fwd_attention_dual). Inputs are made contiguous; the mask (bool: True =
+// attend, or additive float) becomes an additive float32 mask broadcast to (B, H, L, S) through strides
+// (no copy of broadcast dimensions). K = 0 computes the primal only (o_dot is then (0, B, H, L, D)).
+std::tuple<at::Tensor, at::Tensor> attention_dual(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& q_dot,
+    const c10::optional<at::Tensor>& k_dot, const c10::optional<at::Tensor>& v_dot,
+    const c10::optional<at::Tensor>& attn_mask, bool causal, double scale, int64_t K) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_dual: q must be (B, H, L, D) and k, v (B, Hkv, S, D)");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D, "attention_dual: k and v must be (B, Hkv, S, D) = (",
+              B, ", Hkv, S, ", D, "), got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "attention_dual: H (", H, ") must be a multiple of Hkv (", Hkv, ")");
+  TORCH_CHECK(K >= 0, "attention_dual: K must be non-negative, got ", K);
+  const int dt = dtype_code(q, "q");
+  const std::vector<int64_t> qshape{K, B, H, L, D}, kvshape{K, B, Hkv, S, D};
+  fwd_attention_dual_args a;
+  memset(&a, 0, sizeof(a));
+  a.B = B; a.H = H; a.Hkv = Hkv; a.L = L; a.S = S; a.D = D; a.K = K;
+  a.dtype = dt;
+  auto prep = [&](const at::Tensor& t, const char* name) {
+    check_cpu(t, name);
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), "attention_dual: ", name, " dtype ", t.scalar_type(), " != q dtype ",
+                q.scalar_type());
+    return t.contiguous();
+  };
+  at::Tensor qs = prep(q, "q"), ks = prep(k, "k"), vs = prep(v, "v"), qds, kds, vds, ms;
+  a.q = qs.data_ptr(); a.k = ks.data_ptr(); a.v = vs.data_ptr();
+  if (q_dot) {
+    TORCH_CHECK(q_dot->sizes() == at::IntArrayRef(qshape), "attention_dual: q_dot must be ", at::IntArrayRef(qshape),
+                ", got ", q_dot->sizes());
+    qds = prep(*q_dot, "q_dot"); a.q_dot = qds.data_ptr();
+  }
+  if (k_dot) {
+    TORCH_CHECK(k_dot->sizes() == at::IntArrayRef(kvshape), "attention_dual: k_dot must be ", at::IntArrayRef(kvshape),
+                ", got ", k_dot->sizes());
+    kds = prep(*k_dot, "k_dot"); a.k_dot = kds.data_ptr();
+  }
+  if (v_dot) {
+    TORCH_CHECK(v_dot->sizes() == at::IntArrayRef(kvshape), "attention_dual: v_dot must be ", at::IntArrayRef(kvshape),
+                ", got ", v_dot->sizes());
+    vds = prep(*v_dot, "v_dot"); a.v_dot = vds.data_ptr();
+  }
+  if (attn_mask) {
+    const at::Tensor& m = *attn_mask;
+    check_cpu(m, "attn_mask");
+    TORCH_CHECK(m.dim() <= 4, "attention_dual: attn_mask must have at most 4 dimensions, got ", m.dim());
+    const int64_t full[4] = {B, H, L, S};
+    for (int64_t d = 0; d < m.dim(); ++d) {
+      const int64_t sz = m.size(m.dim() - 1 - d), want = full[3 - d];
+      TORCH_CHECK(sz == 1 || sz == want, "attention_dual: attn_mask of shape ", m.sizes(),
+                  " is not broadcastable to (B, H, L, S) = (", B, ", ", H, ", ", L, ", ", S, ")");
+    }
+    if (m.scalar_type() == at::kBool)
+      ms = at::where(m, 0.0f, -std::numeric_limits<float>::infinity()).to(at::kFloat);
+    else {
+      TORCH_CHECK(at::isFloatingType(m.scalar_type()), "attention_dual: attn_mask must be bool or floating point, got ",
+                  m.scalar_type());
+      ms = m.to(at::kFloat);
+    }
+    ms = ms.expand({B, H, L, S});
+    a.mask = ms.data_ptr<float>();
+    for (int d = 0; d < 4; ++d) a.mask_stride[d] = ms.size(d) == 1 ? 0 : ms.stride(d);
+  }
+  a.causal = causal ? 1 : 0;
+  a.scale = (float)scale;
+  auto o = at::empty({B, H, L, D}, q.options());
+  auto o_dot = at::empty(qshape, q.options());
+  a.o = o.data_ptr();
+  a.o_dot = K > 0 ? o_dot.data_ptr() : nullptr;
+  a.num_threads = at::get_num_threads();
+  const fwd_status st = fwd_attention_dual(&a);
+  TORCH_CHECK(st == FWD_OK, "fwd_attention_dual failed with status ", (int)st);
+  return {o, o_dot};
+}
+
 at::Tensor sgemm_nt(const at::Tensor& A, const at::Tensor& B) {
   TORCH_CHECK(A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat, "sgemm_nt takes float32");
   auto As = rows2d(A, "A"), Bs = rows2d(B, "B");
@@ -117,6 +192,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("philox_words", &philox_words);
   m.def("perturb", &perturb);
   m.def("lora_linear_dual", &lora_linear_dual);
+  m.def("attention_dual", &attention_dual);
   m.def("sgemm_nt", &sgemm_nt);
   m.def("derive_seed", &derive_seed);
   m.def("simd", []() { return std::string(fwd_simd()); });

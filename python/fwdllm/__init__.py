@@ -1,6 +1,25 @@
 """fwdllm: backprop-free (forward-gradient) fine-tuning of transformer language models.
 
-This layer depends on :mod:`fwdkernels` (never the reverse). For now it holds the one-layer demo
-(``python -m fwdllm.demo``); dual models, the estimators and the federated driver build on it.
+- :func:`patch` turns a HF (+ peft) model into a :class:`DualModel` that carries K tangent streams.
+- :func:`forward_gradient` gives the loss and the K directional derivatives dL.v_k of seeded
+  perturbations in one dual forward; :func:`reconstruct_gradient` turns (seeds, jvps) into ``.grad``.
+- :func:`central_difference`: the finite-difference (FwdLLM published code / MeZO) baseline.
+- :mod:`fwdllm.func`: ``jvp``, a drop-in for ``torch.func.jvp``.
+
+This layer depends on :mod:`fwdkernels` (never the reverse).
 """
 __version__ = "0.1.0"
+
+from .dual import (  # noqa: E402
+    DualModel,
+    TrainableLayout,
+    UnsupportedModelError,
+    central_difference,
+    forward_gradient,
+    patch,
+    reconstruct_gradient,
+)
+from . import func  # noqa: E402
+
+__all__ = ["DualModel", "TrainableLayout", "UnsupportedModelError", "central_difference", "forward_gradient",
+           "func", "patch", "reconstruct_gradient"]

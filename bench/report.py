@@ -57,14 +57,68 @@ def lora_section(benches, machine):
 def main(path):
     data = json.loads(Path(path).read_text())
     machine = f"{cpu_name()}, {platform.machine()}, torch {torch.__version__}"
-    section = lora_section(data["benchmarks"], machine)
     res = HERE / "RESULTS.md"
     text = res.read_text() if res.exists() else "# Benchmark results\n\n"
-    head = section.splitlines()[0]
-    pat = re.compile(re.escape(head) + r".*?(?=\n## |\Z)", re.S)
-    text = pat.sub(lambda m: section.rstrip("\n"), text) if pat.search(text) else text.rstrip("\n") + "\n\n" + section
+    for section in (lora_section(data["benchmarks"], machine), model_section(data["benchmarks"], machine)):
+        if section is None or section.count("\n|") <= 2:
+            continue
+        head = section.splitlines()[0]
+        pat = re.compile(re.escape(head) + r".*?(?=\n## |\Z)", re.S)
+        if pat.search(text):
+            text = pat.sub(lambda m: section.rstrip("\n"), text)
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+        print(section)
     res.write_text(text.rstrip("\n") + "\n")
-    print(section)
+
+
+
+def model_section(benches, machine):
+    rows, depth = {}, {}
+    for b in benches:
+        e = b["extra_info"]
+        if "model" not in e:
+            continue
+        peak = e.get("peak_extra_bytes")
+        if e.get("depth"):
+            depth[(e["impl"], e["layers"])] = peak
+            continue
+        rows.setdefault((e["model"], e["K"]), {})[e["impl"]] = (b["stats"]["median"], peak)
+    if not rows and not depth:
+        return None
+    plain = {m: r["plain_forward"][0] for (m, K), r in rows.items() if "plain_forward" in r}
+    fb = {m: r["fwd_bwd"] for (m, K), r in rows.items() if "fwd_bwd" in r}
+    out = ["## Forward-gradient step on real models (dual models, issue 3)", "",
+           f"Machine: {machine}. Command: `make bench` (`bench/test_models.py`), 1 thread. MiniLM "
+           "(all-MiniLM-L6-v2) + LoRA r=8 on query/value, batch 8x128; SmolLM2-135M + LoRA r=8 on q/v, "
+           "batch 8x64. Times: medians in ms, and in units of one plain forward (`fwd`) of the same run. "
+           "Peak: extra resident MiB of one call.", "",
+           "| model | K | fused step | = fwd | jvp+vmap | jvp loop | central diff | vmap/fused | CD/fused | "
+           "peak fused | peak vmap | peak fwd+bwd |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    mib = 1 / 2**20
+    for (m, K), r in sorted(rows.items()):
+        t = {k: v[0] * 1e3 for k, v in r.items()}
+        p = {k: v[1] for k, v in r.items()}
+        pf = plain.get(m)
+        fu = t.get("fwdgrad_fused", float("nan"))
+        def f(k):
+            return f"{t[k]:.0f}" if k in t else "-"
+        def pk(v):
+            return f"{v * mib:.0f}" if v is not None else "-"
+        fbp = fb.get(m, (None, None))[1]
+        out.append(f"| {m} | {K} | {f('fwdgrad_fused')} | {fu / (pf * 1e3):.2f} | {f('jvp_vmap')} | {f('jvp_loop')} | "
+                   f"{f('central_diff')} | {t.get('jvp_vmap', float('nan')) / fu:.2f} | "
+                   f"{t.get('central_diff', float('nan')) / fu:.2f} | {pk(p.get('fwdgrad_fused'))} | "
+                   f"{pk(p.get('jvp_vmap'))} | {pk(fbp)} |")
+    for m in sorted(plain):
+        out.append(f"\nplain forward of {m}: {plain[m] * 1e3:.0f} ms; forward+backward: {fb[m][0] * 1e3:.0f} ms"
+                   if m in fb else f"\nplain forward of {m}: {plain[m] * 1e3:.0f} ms")
+    if depth:
+        out += ["", "Extra peak MiB of one step, K = 8, random MiniLM-shaped BERT (384 hidden, batch 8x128):", "",
+                "| impl | 6 layers | 12 layers |", "|---|---|---|"]
+        for impl in sorted({i for i, _ in depth}):
+            out.append(f"| {impl} | {depth.get((impl, 6), 0) * mib:.0f} | {depth.get((impl, 12), 0) * mib:.0f} |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

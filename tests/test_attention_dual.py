@@ -281,7 +281,8 @@ def test_scale_and_large_head_dim(backend, dtype):
     check_case(Case(1, 2, 2, 5, 66, 128, 3, scale=0.1), backend, dtype)
 
 
-@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES + [pytest.param("triton", F32, id="triton-f32",
+                                                                          marks=needs_triton)])
 def test_noncontiguous_inputs(backend, dtype):
     """q, k, v as (B, L, H, D).transpose(1, 2) views (the Hugging Face layout), a transposed mask."""
     case = Case(2, 4, 2, 6, 9, 16, 3, mask="rows_bool", causal=True)

@@ -46,6 +46,19 @@ def main():
             comp(main_k, sig, dict(HAS_XDOT=has_xdot, HAS_BIAS=True, HAS_LORA=lora, HAS_BDOT=False,
                                    BIAS_TRAIN=True, HAS_BIASDOT=False, DIST=1, IEEE=dt == "fp32", BM=128,
                                    BN=128, BK=32, BR=16), 90)
+    A = importlib.import_module("fwdkernels.attention_dual")
+    att, _ = A._triton_kernels()
+    for dt in ("fp32", "bf16"):
+        sig = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "qd_ptr", "kd_ptr", "vd_ptr", "o_ptr", "od_ptr")}
+        sig.update(mask_ptr="*fp32", bacc_ptr="*fp32", cacc_ptr="*fp32", sm_b="i64", sm_h="i64", sm_l="i64",
+                   sm_s="i64", H="i32", HKV="i32", L="i32", S="i32", D="i32", K="i32", scale="fp32", SQ="i64",
+                   SKV="i64", SC="i64")
+        sig.update({k: "constexpr" for k in ("HAS_QD", "HAS_KD", "HAS_VD", "HAS_MASK", "CAUSAL", "IEEE", "BM", "BN",
+                                             "BD")})
+        for arch, full, (BM, BN, BD) in ((80, True, (64, 64, 64)), (90, False, (64, 32, 128)),
+                                         (90, True, (32, 32, 256))):
+            comp(att, sig, dict(HAS_QD=full, HAS_KD=True, HAS_VD=full, HAS_MASK=full, CAUSAL=not full,
+                                IEEE=dt == "fp32", BM=BM, BN=BN, BD=BD), arch)
     print("all Triton kernels compiled for sm_80/sm_90")
 
 

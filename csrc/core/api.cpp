@@ -124,6 +124,13 @@ fwd_status fwd_lora_linear_dual(const fwd_lora_dual_args* args) {
   });
 }
 
+fwd_status fwd_attention_dual(const fwd_attention_dual_args* args) {
+  return guarded("fwd_attention_dual", [&] {
+    need(args != nullptr, FWD_ERR_NULL, "args is NULL");
+    fwdcore::attention_dual(*args);  // validates (throws ArgError naming the problem), then runs
+  });
+}
+
 fwd_status fwd_sgemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                         float* C, int64_t ldc, int num_threads) {
   return guarded("fwd_sgemm_nt", [&] {

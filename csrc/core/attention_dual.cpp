@@ -397,23 +397,3 @@ void attention_dual(const fwd_attention_dual_args& a) {
 }
 
 }  // namespace fwdcore
-
-// The C entry point. NOTE: the library's other entry points live in api.cpp, whose guarded() also
-// records the message for fwd_last_error(); that recorder is private to api.cpp, so this wrapper returns
-// the right status code but leaves fwd_last_error() untouched. Moving these lines into api.cpp as
-//   return guarded("fwd_attention_dual", [&] { need(args != nullptr, FWD_ERR_NULL, "args is NULL");
-//                                               fwdcore::attention_dual(*args); });
-// (and deleting them here) makes the messages available as for every other entry point.
-extern "C" fwd_status fwd_attention_dual(const fwd_attention_dual_args* args) {
-  try {
-    if (args == nullptr) return FWD_ERR_NULL;
-    fwdcore::attention_dual(*args);
-    return FWD_OK;
-  } catch (const fwdcore::ArgError& e) {
-    return e.code;
-  } catch (const std::bad_alloc&) {
-    return FWD_ERR_ALLOC;
-  } catch (...) {
-    return FWD_ERR_INTERNAL;
-  }
-}

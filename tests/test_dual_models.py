@@ -309,3 +309,28 @@ def test_real_smollm2_matches_jvp():
     # float32 through 30 layers: torch.func.jvp in float32 itself lands ~3e-6 from the float64 truth
     dm = assert_jvps_close(pm, b, K=2, tol=2e-4)
     assert dm.arch.first_trainable_layer(dm.layout) == n - 2
+
+
+def test_bare_bert_hidden_states_match_jvp():
+    m = tiny_bert()
+    bert = lora(m.bert, ["query"])
+    dm = fwdllm.patch(bert)
+    b = batch_for(m, labels=None)
+    seeds = torch.tensor([3, 4])
+    x, xd = dm.hidden_states(b, seeds)
+    with pytest.raises(fwdllm.UnsupportedModelError, match="no loss"):
+        fwdllm.forward_gradient(dm, {**b, "labels": torch.tensor([0, 1])}, seeds)
+    names = [n for n, _ in dm.layout.params]
+    m64 = copy.deepcopy(bert).double()
+    p64 = dict(m64.named_parameters())
+
+    def f(*vals):
+        return functional_call(m64, dict(zip(names, vals)), args=(), kwargs=b).last_hidden_state
+
+    for k, s in enumerate(seeds.tolist()):
+        v = fk.perturb(s, dm.numel, 0, backend="reference").double()
+        t = tuple(v[dm.layout.offset(p):dm.layout.offset(p) + p.numel()].view_as(p) for _, p in dm.layout.params)
+        ref, jref = torch.func.jvp(f, tuple(p64[n].detach() for n in names), t)
+        keep = b["attention_mask"].bool()
+        torch.testing.assert_close(x[keep].double(), ref[keep], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(xd[k][keep].double(), jref[keep], rtol=1e-4, atol=1e-4)

@@ -192,10 +192,6 @@ def linear(mod, x, xd, T, where="linear"):
             return D.linear_dual(x, xd, W, b, weight_dot=T.dense(W), bias_dot=T.dense(b) if bias_tr else None)
         if xd is None and not bias_tr:
             return F.linear(x, W, b), None
-        if xd is None and bias_tr and isinstance(T, SeedTangents):
-            y = F.linear(x, W, b)
-            vb = T.dense(b)
-            return y, vb.view(T.K, *([1] * (y.dim() - 1)), -1).expand(T.K, *y.shape).contiguous()
         kw = T.bias_kwargs(b)
         seeds = kw.pop("seeds", None)
         return fk.lora_linear_dual(x, xd, W, b, None, None, 1.0, seeds, 0, 0, getattr(T, "dist", "rademacher"), **kw)
@@ -527,6 +523,22 @@ class DualModel:
     @torch.no_grad()
     def run(self, batch, T, cache_prefix=True):
         """(loss, loss_dot (K,)) for one batch with tangent source T."""
+        x, xd, masks = self._trunk(batch, T, cache_prefix)
+        loss, loss_dot = self.arch.head(x, xd, batch, T)
+        self.stats["dual_forwards"] += 1
+        if loss_dot is None:
+            loss_dot = torch.zeros(T.K, dtype=torch.float32, device=loss.device)
+        return loss, loss_dot
+
+    @torch.no_grad()
+    def hidden_states(self, batch, seeds, dist="rademacher"):
+        """The last hidden state (B, L, d) and its K tangents (K, B, L, d) (None if no trainable
+        parameter lies below it), before any head: for bare BertModel / LlamaModel (LLaMA: before the
+        final norm)."""
+        x, xd, _ = self._trunk(batch, SeedTangents(self.layout, _as_seeds(seeds), dist), False)
+        return x, xd
+
+    def _trunk(self, batch, T, cache_prefix):
         self._validate_batch(batch)
         arch = self.arch
         first = arch.first_trainable_layer(self.layout)
@@ -544,11 +556,7 @@ class DualModel:
                 self._prefix = (key, start, x)
         for i in range(start, len(arch.layers)):
             x, xd = arch.layer(i, x, xd, masks, T, batch)
-        loss, loss_dot = arch.head(x, xd, batch, T)
-        self.stats["dual_forwards"] += 1
-        if loss_dot is None:
-            loss_dot = torch.zeros(T.K, dtype=torch.float32, device=loss.device)
-        return loss, loss_dot
+        return x, xd, masks
 
     def loss(self, batch) -> torch.Tensor:
         """The plain loss (no tangents), computed by the same code path."""

@@ -334,3 +334,14 @@ def test_bare_bert_hidden_states_match_jvp():
         keep = b["attention_mask"].bool()
         torch.testing.assert_close(x[keep].double(), ref[keep], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(xd[k][keep].double(), jref[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_bert_bottleneck_adapters_match_jvp():
+    m = fwdllm.add_adapters(tiny_bert(), reduction=4, init_scale=1.0)
+    assert any(isinstance(x, fwdllm.BottleneckAdapter) for x in m.modules())
+    assert_jvps_close(m, batch_for(m))
+
+
+def test_llama_bottleneck_adapters_match_jvp():
+    m = fwdllm.add_adapters(tiny_llama("cls"), reduction=4, init_scale=1.0)
+    assert_jvps_close(m, batch_for(m), K=2)

@@ -20,6 +20,7 @@ from .dual import (  # noqa: E402
     reconstruct_gradient,
 )
 from . import func  # noqa: E402
+from .adapters import BottleneckAdapter, add_adapters  # noqa: E402
 
-__all__ = ["DualModel", "TrainableLayout", "UnsupportedModelError", "central_difference", "forward_gradient",
+__all__ = ["BottleneckAdapter", "add_adapters", "DualModel", "TrainableLayout", "UnsupportedModelError", "central_difference", "forward_gradient",
            "func", "patch", "reconstruct_gradient"]

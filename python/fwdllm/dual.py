@@ -31,6 +31,8 @@ import torch.nn.functional as F
 import fwdkernels as fk
 from fwdkernels import dual_ops as D
 
+from .adapters import BottleneckAdapter
+
 
 class UnsupportedModelError(TypeError):
     """The model (or one of its modules) has no dual-mode implementation."""
@@ -162,8 +164,15 @@ def _lora_parts(mod, where):
 
 
 def linear(mod, x, xd, T, where="linear"):
-    """Dual of an nn.Linear or a peft LoRA Linear. x (..., d_in), xd (K, ..., d_in) or None."""
+    """Dual of an nn.Linear, a peft LoRA Linear or a bottleneck adapter around a Linear.
+    x (..., d_in), xd (K, ..., d_in) or None."""
     mod = _active(mod)
+    if isinstance(mod, BottleneckAdapter):
+        h, hd = linear(mod.base, x, xd, T, where)
+        a, ad = linear(mod.down, h, hd, T, where + " adapter.down")
+        a, ad = D.gelu_dual(a, ad)
+        a, ad = linear(mod.up, a, ad, T, where + " adapter.up")
+        return D.add_dual(h, hd, a, ad)
     LoraLinear = _peft_lora_linear_cls()
     if LoraLinear is not None and isinstance(mod, LoraLinear):
         parts = _lora_parts(mod, where)

@@ -281,17 +281,17 @@ def _elementwise(fn, x, x_dot):
 
 
 def _gelu_grad(xc, approximate):
-    if approximate == "none":
-        cdf = 0.5 * (1.0 + torch.erf(xc * math.sqrt(0.5)))
-        pdf = torch.exp(-0.5 * xc * xc) * (1.0 / math.sqrt(2.0 * math.pi))
-        return cdf + xc * pdf
+    if approximate == "none":  # Φ(x) + x φ(x), with two primal-sized temporaries
+        out = torch.erf(xc * math.sqrt(0.5)).add_(1.0).mul_(0.5)
+        pdf = (xc * xc).mul_(-0.5).exp_().mul_(xc).mul_(1.0 / math.sqrt(2.0 * math.pi))
+        return out.add_(pdf)
     c, a = math.sqrt(2.0 / math.pi), 0.044715
     x2 = xc * xc
     th = torch.tanh(c * xc * (1.0 + a * x2))
     return 0.5 * (1.0 + th) + 0.5 * xc * (1.0 - th * th) * c * (1.0 + 3.0 * a * x2)
 
 
-def gelu_dual(x, x_dot, approximate="none"):
+def gelu_dual(x, x_dot, approximate="none", inplace=False):
     """Dual of ``F.gelu(x, approximate=...)``.
 
         exact ("none"):  y = x Φ(x),   ẏ = (Φ(x) + x φ(x)) ẋ          (Φ, φ: standard normal cdf, pdf)
@@ -300,6 +300,7 @@ def gelu_dual(x, x_dot, approximate="none"):
 
     Args:
         x: (..., d) primal.  x_dot: (K, ..., d) or None.  approximate: "none" or "tanh".
+        inplace: write y_dot into x_dot (saves one (K, ..., d) buffer when x_dot is not needed again).
 
     Returns:
         (y (..., d), y_dot (K, ..., d) or None), in x's dtype; the coefficient is computed in float32 for
@@ -312,7 +313,8 @@ def gelu_dual(x, x_dot, approximate="none"):
     y = F.gelu(x, approximate=approximate)
     if K is None:
         return y, None
-    return y, x_dot * _gelu_grad(x.to(_ct(x.dtype)), approximate).to(x.dtype)
+    coef = _gelu_grad(x.to(_ct(x.dtype)), approximate).to(x.dtype)
+    return y, (x_dot.mul_(coef) if inplace else x_dot * coef)
 
 
 def _silu_grad(xc):
@@ -353,7 +355,7 @@ def tanh_dual(x, x_dot):
     return y, x_dot * (1.0 - th * th).to(x.dtype)
 
 
-def gated_mlp_act_dual(gate, gate_dot, up, up_dot):
+def gated_mlp_act_dual(gate, gate_dot, up, up_dot, inplace=False):
     """Dual of the LLaMA MLP activation ``silu(gate) * up`` (product rule).
 
         y = silu(g) u,   ẏ = silu'(g) u ġ + silu(g) u̇,   silu'(g) = σ(g) (1 + g (1 − σ(g)))
@@ -361,6 +363,7 @@ def gated_mlp_act_dual(gate, gate_dot, up, up_dot):
     Args:
         gate g: (..., f) primal.  gate_dot ġ: (K, ..., f) or None.
         up u: (..., f) primal (same shape as gate).  up_dot u̇: (K, ..., f) or None.
+        inplace: write y_dot into gate_dot (when given; saves one (K, ..., f) buffer).
 
     Returns:
         (y (..., f), y_dot (K, ..., f) or None), in gate's dtype; y_dot is None only when both tangents are.
@@ -376,7 +379,8 @@ def gated_mlp_act_dual(gate, gate_dot, up, up_dot):
     t = None
     if gate_dot is not None:
         ct = _ct(gate.dtype)
-        t = gate_dot * (_silu_grad(gate.to(ct)) * up.to(ct)).to(gate.dtype)
+        coef = (_silu_grad(gate.to(ct)) * up.to(ct)).to(gate.dtype)
+        t = gate_dot.mul_(coef) if inplace else gate_dot * coef
     if up_dot is not None:
         t = up_dot * sg if t is None else t.addcmul_(up_dot, sg)
     return y, t

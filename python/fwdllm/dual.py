@@ -170,7 +170,7 @@ def linear(mod, x, xd, T, where="linear"):
     if isinstance(mod, BottleneckAdapter):
         h, hd = linear(mod.base, x, xd, T, where)
         a, ad = linear(mod.down, h, hd, T, where + " adapter.down")
-        a, ad = D.gelu_dual(a, ad)
+        a, ad = D.gelu_dual(a, ad, inplace=True)
         a, ad = linear(mod.up, a, ad, T, where + " adapter.up")
         return D.add_dual(h, hd, a, ad)
     LoraLinear = _peft_lora_linear_cls()
@@ -222,9 +222,11 @@ def _embedding(emb, ids, T):
 
 
 def _heads(x, xd, B, L, H, Dh):
-    """(B, L, H*Dh) -> (B, H, L, Dh) and the tangent (K, B, L, H*Dh) -> (K, B, H, L, Dh)."""
-    y = x.view(B, L, H, Dh).transpose(1, 2)
-    yd = None if xd is None else xd.view(xd.shape[0], B, L, H, Dh).transpose(2, 3)
+    """(B, L, H*Dh) -> (B, H, L, Dh) and the tangent (K, B, L, H*Dh) -> (K, B, H, L, Dh), contiguous
+    (the attention kernels want that layout; copying here lets the (B, L, H*Dh) tangent be freed at
+    once instead of living beside a copy made inside the kernel call)."""
+    y = x.view(B, L, H, Dh).transpose(1, 2).contiguous()
+    yd = None if xd is None else xd.view(xd.shape[0], B, L, H, Dh).transpose(2, 3).contiguous()
     return y, yd
 
 
@@ -299,15 +301,23 @@ class _Bert:
         k, kd = linear(att.self.key, x, xd, T, f"layer {i} key")
         v, vd = linear(att.self.value, x, xd, T, f"layer {i} value")
         (q, qd), (k, kd), (v, vd) = (_heads(a, ad, B, L, self.H, Dh) for a, ad in ((q, qd), (k, kd), (v, vd)))
+        # Tangent buffers are (K, B, L, d): each name is dropped as soon as it is dead, so at most a
+        # few of them (and one (K, B, L, 4d) MLP tangent) are alive at once.
         o, od = fk.attention_dual(q, k, v, qd, kd, vd, attn_mask=mask)
+        del q, qd, k, kd, v, vd
         o, od = _merge_heads(o, od)
         h, hd = linear(att.output.dense, o, od, T, f"layer {i} attention.output")
+        del o, od
         h, hd = D.add_dual(h, hd, x, xd)
+        del x, xd
         x, xd = _layer_norm(att.output.LayerNorm, h, hd, T)
+        del h, hd
         u, ud = linear(layer.intermediate.dense, x, xd, T, f"layer {i} intermediate")
-        u, ud = D.gelu_dual(u, ud, approximate=self.approx)
+        u, ud = D.gelu_dual(u, ud, approximate=self.approx, inplace=True)  # ud is not needed again
         h, hd = linear(layer.output.dense, u, ud, T, f"layer {i} output")
+        del u, ud
         h, hd = D.add_dual(h, hd, x, xd)
+        del x, xd
         return _layer_norm(layer.output.LayerNorm, h, hd, T)
 
     def head(self, x, xd, batch, T):
@@ -373,15 +383,20 @@ class _Llama:
         q, qd = D.rotary_dual(q, qd, cos, sin)
         k, kd = D.rotary_dual(k, kd, cos, sin)
         o, od = fk.attention_dual(q, k, v, qd, kd, vd, attn_mask=mask, causal=True, scale=attn.scaling)
+        del q, qd, k, kd, v, vd, h, hd  # free dead tangents early (see _Bert.layer)
         o, od = _merge_heads(o, od)
         o, od = linear(attn.o_proj, o, od, T, f"layer {i} o_proj")
         x, xd = D.add_dual(x, xd, o, od)
+        del o, od
         h, hd = _rms_norm(layer.post_attention_layernorm, x, xd, T)
         mlp = layer.mlp
         g, gd = linear(mlp.gate_proj, h, hd, T, f"layer {i} gate_proj")
         u, ud = linear(mlp.up_proj, h, hd, T, f"layer {i} up_proj")
-        a, ad = D.gated_mlp_act_dual(g, gd, u, ud)
+        del h, hd
+        a, ad = D.gated_mlp_act_dual(g, gd, u, ud, inplace=True)  # gd is not needed again
+        del g, gd, u, ud
         m, md = linear(mlp.down_proj, a, ad, T, f"layer {i} down_proj")
+        del a, ad
         return D.add_dual(x, xd, m, md)
 
     def head(self, x, xd, batch, T):

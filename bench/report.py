@@ -59,7 +59,8 @@ def main(path):
     machine = f"{cpu_name()}, {platform.machine()}, torch {torch.__version__}"
     res = HERE / "RESULTS.md"
     text = res.read_text() if res.exists() else "# Benchmark results\n\n"
-    for section in (lora_section(data["benchmarks"], machine), model_section(data["benchmarks"], machine)):
+    for section in (lora_section(data["benchmarks"], machine), attention_section(data["benchmarks"], machine),
+                    model_section(data["benchmarks"], machine)):
         if section is None or section.count("\n|") <= 2:
             continue
         head = section.splitlines()[0]
@@ -71,6 +72,30 @@ def main(path):
         print(section)
     res.write_text(text.rstrip("\n") + "\n")
 
+
+
+def attention_section(benches, machine):
+    rows = {}
+    for b in benches:
+        e = b["extra_info"]
+        if e.get("op") != "attention_dual":
+            continue
+        key = (e["Hkv"], e["K"], e.get("causal", False))
+        rows.setdefault(key, {})[e["impl"]] = b["stats"]["median"] * 1e3
+        shape = f"B={e['B']} H={e['H']} L=S={e['L']} D={e['D']}"
+    if not rows:
+        return None
+    out = ["## Dual attention (dual models, issue 3)", "",
+           f"Machine: {machine}. Command: `make bench` (`bench/test_attention_dual.py`), 1 thread, {shape}, "
+           "float32, tangents on q, k and v. Medians in ms.", "",
+           "| Hkv | K | mask | fused cpp | reference | jvp+vmap | vmap/fused | SDPA primal |", "|---|---|---|---|---|---|---|---|"]
+    for (hkv, K, causal), r in sorted(rows.items()):
+        def t(k):
+            return f"{r[k]:.1f}" if k in r else "-"
+        ratio = r.get("jvp_vmap", float("nan")) / r.get("fused_cpp", float("nan"))
+        out.append(f"| {hkv} | {K} | {'causal' if causal else 'full'} | {t('fused_cpp')} | {t('reference')} | "
+                   f"{t('jvp_vmap')} | {ratio:.2f} | {t('sdpa_primal')} |")
+    return "\n".join(out) + "\n"
 
 
 def model_section(benches, machine):

@@ -4,8 +4,7 @@ Shape: B = 8, H = 12 (Hkv = 12 and Hkv = 4), L = S = 128, D = 32 (MiniLM-like), 
 tangents on q, k and v, with and without the causal mask. Every implementation returns the primal output
 and the K tangent streams (jvp_vmap: of a plain softmax attention; torch's fused CPU SDPA has no
 forward-mode AD); "sdpa_primal" (torch's scaled_dot_product_attention, primal only) is the
-floor for one attention. Results are in the pytest-benchmark JSON (extra_info["op"] == "attention_dual");
-bench/report.py does not tabulate them.
+floor for one attention. bench/report.py tabulates them in bench/RESULTS.md.
 """
 import pytest
 import torch

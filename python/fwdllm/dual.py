@@ -244,7 +244,20 @@ def _module_has_trainable(m, layout):
 # ---------------------------------------------------------------------------------------------
 # architectures
 
-class _Bert:
+class _Arch:
+    """An architecture: embed -> layers -> head, with `embeddings` (module) and `layers` (list) set."""
+
+    def first_trainable_layer(self, layout):
+        """-1 if the embeddings train, else the index of the first layer holding a trainable parameter."""
+        if _module_has_trainable(self.embeddings, layout):
+            return -1
+        for i, layer in enumerate(self.layers):
+            if _module_has_trainable(layer, layout):
+                return i
+        return len(self.layers)
+
+
+class _Bert(_Arch):
     """BertModel (+ BertForSequenceClassification's pooler and classifier)."""
 
     def __init__(self, hf):
@@ -263,14 +276,7 @@ class _Bert:
             raise UnsupportedModelError(f"fwdllm: BERT hidden_act={act!r} is not supported")
         self.H = cfg.num_attention_heads
         self.layers = list(self.bert.encoder.layer)
-
-    def first_trainable_layer(self, layout):
-        if _module_has_trainable(self.bert.embeddings, layout):
-            return -1
-        for i, layer in enumerate(self.layers):
-            if _module_has_trainable(layer, layout):
-                return i
-        return len(self.layers)
+        self.embeddings = self.bert.embeddings
 
     def embed(self, batch, T):
         emb = self.bert.embeddings
@@ -334,7 +340,7 @@ class _Bert:
         return _classification_loss(hf.config, logits, ld, batch)
 
 
-class _Llama:
+class _Llama(_Arch):
     """LlamaModel (+ LlamaForCausalLM's lm_head, LlamaForSequenceClassification's score)."""
 
     def __init__(self, hf):
@@ -346,14 +352,7 @@ class _Llama:
         self.H = cfg.num_attention_heads
         self.Hkv = cfg.num_key_value_heads
         self.layers = list(self.model.layers)
-
-    def first_trainable_layer(self, layout):
-        if _module_has_trainable(self.model.embed_tokens, layout):
-            return -1
-        for i, layer in enumerate(self.layers):
-            if _module_has_trainable(layer, layout):
-                return i
-        return len(self.layers)
+        self.embeddings = self.model.embed_tokens
 
     def embed(self, batch, T):
         return _embedding(self.model.embed_tokens, batch["input_ids"], T)

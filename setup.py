@@ -66,7 +66,7 @@ setup(
     name="fwdllm",
     version=VERSION,
     description="Forward-gradient (backprop-free) fine-tuning kernels and federated driver",
-    packages=["fwdkernels", "fwdllm"],
+    packages=["fwdkernels", "fwdllm", "fwdllm.fl"],
     package_dir={"fwdkernels": "fwdkernels", "fwdllm": "python/fwdllm"},
     python_requires=">=3.9",
     install_requires=["torch>=2.3", "numpy"],

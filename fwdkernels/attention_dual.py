@@ -26,12 +26,11 @@ import math
 import torch
 
 from . import _ext
-from .backends import Op
+from .backends import Op, kernel_dtype_reasons
 from .perturb import interpreter_bf16_reasons
 
 attention_dual_op = Op("attention_dual")
 
-_FLOAT = (torch.float32, torch.bfloat16)
 _TRITON_MAX_D = 256
 
 
@@ -91,9 +90,7 @@ def _reference(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal, scale, K):
 # cpp
 
 def _cpp_reasons(q=None, **_):
-    if q.dtype not in _FLOAT:
-        return [f"supports float32 and bfloat16, not {q.dtype}"]
-    return []
+    return kernel_dtype_reasons(q.dtype)
 
 
 @attention_dual_op.register("cpp", _cpp_reasons)
@@ -226,8 +223,9 @@ def _triton_kernels():
 
 
 def _triton_reasons(q=None, **_):
-    if q.dtype not in _FLOAT:
-        return [f"supports float32 and bfloat16, not {q.dtype}"]
+    why = kernel_dtype_reasons(q.dtype)
+    if why:
+        return why
     if q.shape[-1] > _TRITON_MAX_D:
         return [f"supports head dim D <= {_TRITON_MAX_D}, got {q.shape[-1]}"]
     return interpreter_bf16_reasons(q.dtype, q.device)

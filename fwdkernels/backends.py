@@ -31,6 +31,16 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def kernel_dtype_reasons(dtype) -> list[str]:
+    """Why the compiled (cpp / triton / cuda) kernels cannot take ``dtype`` ([] if they can)."""
+    if dtype not in KERNEL_DTYPES:
+        return [f"supports float32 and bfloat16, not {dtype}"]
+    return []
+
+
 def backend_unavailable(name: str, device: torch.device | str) -> list[str]:
     """Why backend ``name`` cannot run at all on ``device`` (independent of the op)."""
     dev = torch.device(device).type

@@ -17,12 +17,10 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from .backends import Op
+from .backends import Op, kernel_dtype_reasons
 from .perturb import DISTS, interpreter_bf16_reasons, perturb
 
 lora_linear_dual_op = Op("lora_linear_dual")
-
-_FLOAT = (torch.float32, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,9 +65,7 @@ def _reference(x, x_dot, weight, bias, lora_A, lora_B, scaling, seeds, K, offset
 # cpp
 
 def _cpp_reasons(x=None, **_):
-    if x.dtype not in _FLOAT:
-        return [f"supports float32 and bfloat16, not {x.dtype}"]
-    return []
+    return kernel_dtype_reasons(x.dtype)
 
 
 @lora_linear_dual_op.register("cpp", _cpp_reasons)
@@ -224,9 +220,7 @@ def _triton_kernels():
 
 
 def _triton_reasons(x=None, **_):
-    if x.dtype not in _FLOAT:
-        return [f"supports float32 and bfloat16, not {x.dtype}"]
-    return interpreter_bf16_reasons(x.dtype, x.device)
+    return kernel_dtype_reasons(x.dtype) or interpreter_bf16_reasons(x.dtype, x.device)
 
 
 @lora_linear_dual_op.register("triton", _triton_reasons)

@@ -18,17 +18,12 @@ import fwdkernels as fk
 from fwdkernels.perturb import perturb_op, words_op
 
 
-def backend_available(name: str) -> bool:
-    return not fk.available_backends("cpu")[name]
-
+from kernel_helpers import TRITON_INTERPRETED, backend_available, needs_cpp, needs_triton  # noqa: E402
 
 ALL_BACKENDS = ("reference", "cpp", "triton")
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not backend_available(b), reason=f"{b} backend unavailable"))
             for b in ALL_BACKENDS]
 FAST_BACKENDS = [b for b in ALL_BACKENDS if backend_available(b)]
-needs_cpp = pytest.mark.skipif(not backend_available("cpp"), reason="cpp backend unavailable")
-needs_triton = pytest.mark.skipif(not backend_available("triton"), reason="triton backend unavailable")
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 U64 = (1 << 64) - 1
 M32 = 0xFFFFFFFF

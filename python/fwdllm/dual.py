@@ -636,6 +636,18 @@ def forward_gradient(model, batch, seeds, dist="rademacher", chunk_size=None, ca
     return loss, torch.cat(outs)
 
 
+def combine_directions(seeds, coefficients, numel: int, dist: str = "rademacher") -> torch.Tensor:
+    """sum_j coefficients[j] v(seeds[j]) over the whole flattened trainable vector: (numel,) float32.
+    Each direction is regenerated once from its seed (the one routine behind gradient reconstruction
+    and the federated server's updates)."""
+    out = torch.zeros(numel, dtype=torch.float32)
+    for sd, c in zip(seeds, coefficients):
+        c = float(c)
+        if c != 0.0:
+            out.add_(fk.perturb(int(sd), numel, 0, dist), alpha=c)
+    return out
+
+
 @torch.no_grad()
 def reconstruct_gradient(model, seeds, jvps, dist="rademacher", accumulate=False):
     """Write the forward gradient (1/K) sum_k jvps[k] v_k into the trainable parameters' ``.grad``.
@@ -650,10 +662,7 @@ def reconstruct_gradient(model, seeds, jvps, dist="rademacher", accumulate=False
         raise ValueError(f"fwdllm: {jv.numel()} jvps for {s.numel()} seeds")
     if not torch.isfinite(jv).all():
         raise ValueError("fwdllm: jvps contain NaN or Inf")
-    g = torch.zeros(dm.numel, dtype=torch.float32)
-    for k in range(s.numel()):
-        g.add_(fk.perturb(int(s[k]), dm.numel, 0, dist), alpha=float(jv[k]))
-    g /= s.numel()
+    g = combine_directions(s.tolist(), (jv.double() / s.numel()).tolist(), dm.numel, dist)
     for name, p in dm.layout.params:
         off = dm.layout.offset(p)
         gp = g[off:off + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)

@@ -26,18 +26,17 @@ import torch
 
 import fwdkernels as fk
 
+from ..dual import combine_directions
+
 
 def direction(seed: int, numel: int, dist: str = "rademacher") -> torch.Tensor:
     return fk.perturb(int(seed), numel, 0, dist)
 
 
 def combine(seeds, coefficients, numel: int, dist: str = "rademacher") -> torch.Tensor:
-    """sum_j coefficients[j] v(seeds[j]): (numel,) float32. Regenerates each direction once."""
-    out = torch.zeros(numel, dtype=torch.float32)
-    for s, c in zip(np.asarray(seeds).tolist(), np.asarray(coefficients, dtype=np.float64).tolist()):
-        if c != 0.0:
-            out.add_(direction(s, numel, dist), alpha=c)
-    return out
+    """sum_j coefficients[j] v(seeds[j]): (numel,) float32 (fwdllm.dual.combine_directions)."""
+    return combine_directions(np.asarray(seeds).tolist(), np.asarray(coefficients, dtype=np.float64).tolist(),
+                              numel, dist)
 
 
 @dataclass

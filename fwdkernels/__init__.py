@@ -11,7 +11,7 @@ Backends (reference / cpp / triton / cuda) are chosen per call; see fwdkernels.b
 """
 from . import _ext, dual_ops
 from .backends import available_backends
-from .perturb import derive_seed, perturb, philox_words, seed_to_int64
+from .perturb import derive_seed, perturb, perturb_combine, philox_words, seed_to_int64
 from .lora_linear_dual import lora_linear_dual, lora_linear_dual_op
 from .attention_dual import attention_dual, attention_dual_op
 from .dual_ops import (add_dual, causal_lm_loss_dual, cross_entropy_dual, embedding_dual, gated_mlp_act_dual,
@@ -26,6 +26,7 @@ __all__ = [
     "derive_seed",
     "lora_linear_dual",
     "perturb",
+    "perturb_combine",
     "philox_words",
     "seed_to_int64",
 ] + list(dual_ops.__all__)

@@ -15,6 +15,8 @@ the int64 view of a uint64 seed).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _ext
@@ -285,3 +287,39 @@ def philox_words(seed, numel: int, offset: int = 0, device="cpu", backend: str |
     device = torch.device(device)
     b = words_op.choose(device, backend)
     return torch.ops.fwdkernels.philox_words(seed, numel, offset, device, b)
+
+
+def perturb_combine(seeds, coefficients, numel: int, offset: int = 0, dist: str = "rademacher",
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[i] += sum_j coefficients[j] * perturb(seeds[j])[offset + i] for i < numel: (numel,) float32 CPU.
+
+    A gradient estimate rebuilt from (seed, coefficient) pairs. The compiled backend streams each
+    seed's values through a cache-sized chunk of ``out`` (no (N, numel) buffer, no per-seed call);
+    without it, one ``perturb`` per seed. ``out`` defaults to zeros.
+    """
+    s = torch.as_tensor([seed_to_int64(int(v)) for v in seeds] if not isinstance(seeds, torch.Tensor) else seeds,
+                        dtype=torch.int64).reshape(-1).contiguous()
+    c = torch.as_tensor(coefficients, dtype=torch.float32).reshape(-1).contiguous()
+    if s.numel() != c.numel():
+        raise ValueError(f"perturb_combine: {s.numel()} seeds but {c.numel()} coefficients")
+    if dist not in DISTS:
+        raise ValueError(f"dist must be one of {tuple(DISTS)}, got {dist!r}")
+    if not torch.isfinite(c).all():
+        raise ValueError("perturb_combine: coefficients contain NaN or Inf")
+    _check_range(max(int(numel), 1), offset)
+    if out is None:
+        out = torch.zeros(numel, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.shape != (numel,) or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"perturb_combine: out must be a contiguous ({numel},) float32 CPU tensor")
+    if s.numel() == 0 or numel == 0:
+        return out
+    # the compiled loop unless FWDKERNELS_BACKEND forces another backend (then per-seed perturb()
+    # calls go through that backend, so a forced backend is honoured, or fails loudly, here too)
+    forced = os.environ.get("FWDKERNELS_BACKEND") or None
+    if _ext.C is not None and hasattr(_ext.C, "perturb_combine") and forced in (None, "cpp"):
+        _ext.C.perturb_combine(s, c, int(offset), DISTS[dist], out)
+    else:
+        for sd, cf in zip(s.tolist(), c.tolist()):
+            if cf != 0.0:
+                out.add_(perturb(sd, numel, offset, dist), alpha=cf)
+    return out

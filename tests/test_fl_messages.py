@@ -18,13 +18,17 @@ def _upload(K=8, nan=False):
 
 
 @pytest.mark.parametrize("msg", [
-    M.RoundStart(round=7, round_seed=-(2**63) + 5, model_version=2, K=64, lr=0.5),
-    M.RoundStart(round=0, round_seed=2**63 - 1, model_version=0, K=1),
+    M.RoundStart(round=7, round_seed=-(2**63) + 5, model_version=2, Ks=np.array([64, 256], np.uint32), request=3,
+                 lr=0.5),
+    M.RoundStart(round=0, round_seed=2**63 - 1, model_version=0, Ks=np.array([1], np.uint32)),
     M.Update(round=7, model_version=3, seeds=np.array([1, -2, 2**62], np.int64),
-             coefficients=np.array([0.5, -1.25, 3.0], np.float32)),
+             coefficients=np.array([0.5, -1.25, 3.0], np.float32), groups=np.array([0, 1, 1], np.uint8)),
     M.Update(round=1, model_version=1),
     _upload(),
     M.ParamsDownload(model_version=9, params=np.linspace(-1, 1, 1001, dtype=np.float32)),
+    M.ParamsDownload(model_version=9, params=np.ones(5, np.float32), optimizer_state=np.arange(10, dtype=np.float32)),
+    M.DenseUpload(round=2, client=3, model_version=1, delta=np.linspace(0, 1, 77, dtype=np.float32), num_examples=32,
+                  loss=0.5),
 ], ids=lambda m: type(m).__name__)
 def test_round_trip(msg):
     data = M.encode(msg)
@@ -42,7 +46,7 @@ def test_round_trip(msg):
 
 def test_upload_is_a_few_bytes_per_perturbation():
     data = M.encode(_upload(K=64))
-    assert len(data) == 4 + 2 + 12 + (4 + 64 * 8) + (4 + 64 * 4) + 8 + 4  # 12 bytes per perturbation
+    assert len(data) == 4 + 2 + 12 + (4 + 64 * 8) + (4 + 64) + (4 + 64 * 4) + 8 + 4  # 13 bytes per perturbation
 
 
 def _corrupt(data, i, b):
@@ -87,14 +91,18 @@ def test_semantic_validation():
     assert np.isnan(M.decode(M.encode(_upload(nan=True)), validate=False).jvps[1])
     up = _upload()
     up.jvps = up.jvps[:5]
-    with pytest.raises(M.MessageError, match="8 seeds but 5 jvps"):
+    with pytest.raises(M.MessageError, match="8 seeds, 8 groups, 5 jvps"):
         M.decode(M.encode(up))
     with pytest.raises(M.MessageError, match="expected K = 4"):
         _upload().validate(expect_K=4)
-    with pytest.raises(M.MessageError, match="K must be >= 1"):
-        M.decode(M.encode(M.RoundStart(1, 1, 1, 0)))
+    with pytest.raises(M.MessageError, match="Ks must list"):
+        M.decode(M.encode(M.RoundStart(1, 1, 1, np.array([0], np.uint32))))
     with pytest.raises(M.MessageError, match="round must be an integer"):
-        M.encode(M.RoundStart(-1, 1, 1, 1))
+        M.encode(M.RoundStart(-1, 1, 1, np.array([1], np.uint32)))
+    with pytest.raises(M.MessageError, match="delta has 77 values, expected 78"):
+        M.DenseUpload(1, 1, 1, np.zeros(77, np.float32), 4, 0.1).validate(expect_numel=78)
+    with pytest.raises(M.MessageError, match="DenseUpload.delta"):
+        M.decode(M.encode(M.DenseUpload(1, 1, 1, np.array([np.inf], np.float32), 4, 0.1)))
     with pytest.raises(M.MessageError, match="not a protocol message"):
         M.encode(object())
     with pytest.raises(M.MessageError, match="1-D"):

@@ -80,6 +80,20 @@ fwd_status fwd_perturb(uint64_t seed, int64_t n, int64_t offset, int dist, int o
   });
 }
 
+fwd_status fwd_perturb_combine(const uint64_t* seeds, const float* coefs, int64_t n_seeds, int64_t n,
+                               int64_t offset, int dist, float* out, int num_threads) {
+  return guarded("fwd_perturb_combine", [&] {
+    need(n > 0, FWD_ERR_SIZE, "n must be positive, got " + num(n));
+    need(n_seeds > 0, FWD_ERR_SIZE, "n_seeds must be positive, got " + num(n_seeds));
+    need(offset >= 0, FWD_ERR_SIZE, "offset must be non-negative, got " + num(offset));
+    need(seeds != nullptr && coefs != nullptr && out != nullptr, FWD_ERR_NULL, "seeds, coefs or out is NULL");
+    need(dist == FWD_DIST_RADEMACHER || dist == FWD_DIST_NORMAL, FWD_ERR_ARG,
+         "dist must be FWD_DIST_RADEMACHER (0) or FWD_DIST_NORMAL (1), got " + num(dist));
+    need_range(offset, n, "fwd_perturb_combine");
+    fwdcore::perturb_combine(seeds, coefs, n_seeds, n, offset, dist, out, fwdcore::resolve_threads(num_threads));
+  });
+}
+
 uint64_t fwd_derive_seed(uint64_t base, const int64_t* ints, int n) {
   uint64_t s = base;
   for (int i = 0; ints != nullptr && i < n; ++i) s = fwdcore::derive_seed_step(s, (uint64_t)ints[i]);

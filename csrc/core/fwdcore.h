@@ -51,6 +51,12 @@ FWD_API fwd_status fwd_philox_words(uint64_t seed, int64_t n, int64_t offset, ui
 FWD_API fwd_status fwd_perturb(uint64_t seed, int64_t n, int64_t offset, int dist, int out_dtype, void* out,
                                int num_threads);
 
+/* out[i] += sum_j coefs[j] * v_{seeds[j]}(offset + i) for i in [0, n): a combination of seeded
+ * perturbations (a gradient estimate rebuilt from (seed, coefficient) pairs) without materialising
+ * any of them. float32 out; n_seeds >= 1; seeds/coefs hold n_seeds values. */
+FWD_API fwd_status fwd_perturb_combine(const uint64_t* seeds, const float* coefs, int64_t n_seeds, int64_t n,
+                                       int64_t offset, int dist, float* out, int num_threads);
+
 /* derive_seed(base, ints[0], ..., ints[n-1]) = fold s <- splitmix64(s ^ splitmix64(ints[j])), s0 = base. */
 FWD_API uint64_t fwd_derive_seed(uint64_t base, const int64_t* ints, int n);
 

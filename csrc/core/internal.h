@@ -37,6 +37,8 @@ void perturb_fill(uint64_t seed, uint64_t c0, int64_t n, int dist, float* out);
 
 void philox_words(uint64_t seed, int64_t n, int64_t offset, uint32_t* out, int nt);
 void perturb(uint64_t seed, int64_t n, int64_t offset, int dist, int out_dtype, void* out, int nt);
+void perturb_combine(const uint64_t* seeds, const float* coefs, int64_t n_seeds, int64_t n, int64_t offset,
+                     int dist, float* out, int nt);
 void lora_linear_dual(const fwd_lora_dual_args& a);
 void attention_dual(const fwd_attention_dual_args& a);  // validates (throws ArgError), then runs
 void sgemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,

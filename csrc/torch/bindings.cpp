@@ -50,6 +50,18 @@ at::Tensor perturb(int64_t seed, int64_t n, int64_t offset, int64_t dist, at::Sc
   return out;
 }
 
+// out (n,) float32 contiguous, updated in place; seeds (N,) int64, coefs (N,) float32.
+void perturb_combine(const at::Tensor& seeds, const at::Tensor& coefs, int64_t offset, int64_t dist, at::Tensor& out) {
+  TORCH_CHECK(seeds.dtype() == at::kLong && seeds.dim() == 1 && seeds.is_contiguous(), "seeds must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(coefs.dtype() == at::kFloat && coefs.dim() == 1 && coefs.is_contiguous() && coefs.numel() == seeds.numel(),
+              "coefs must be a contiguous 1-D float32 tensor with one value per seed");
+  TORCH_CHECK(out.dtype() == at::kFloat && out.dim() == 1 && out.is_contiguous() && out.device().is_cpu(),
+              "out must be a contiguous 1-D float32 CPU tensor");
+  if (seeds.numel() == 0 || out.numel() == 0) return;
+  check_status(fwd_perturb_combine((const uint64_t*)seeds.data_ptr<int64_t>(), coefs.data_ptr<float>(), seeds.numel(),
+                                   out.numel(), offset, (int)dist, out.data_ptr<float>(), at::get_num_threads()));
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_linear_dual(
     const at::Tensor& x, const c10::optional<at::Tensor>& x_dot, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_A,
@@ -190,6 +202,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fwdkernels compiled CPU backend (torch bindings of the fwdcore C API)";
   m.def("philox_words", &philox_words);
   m.def("perturb", &perturb);
+  m.def("perturb_combine", &perturb_combine);
   m.def("lora_linear_dual", &lora_linear_dual);
   m.def("attention_dual", &attention_dual);
   m.def("sgemm_nt", &sgemm_nt);

@@ -24,6 +24,7 @@ again costs only the layers from the first trainable one up.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,41 @@ class TrainableLayout:
 
     def offset(self, p) -> int:
         return self.offsets[id(p)]
+
+    def subset(self, pattern: str) -> "TrainableLayout":
+        """A perturbation group: the trainable parameters whose name matches ``pattern`` (fnmatch,
+        e.g. ``"*classifier*"``; a leading ``!`` takes those that do not match), with the same
+        offsets and numel as this layout. A seed's direction over a group is the whole-vector
+        perturbation restricted to the group (zero elsewhere), so tangents start at the group's
+        first parameter: a head-only group costs almost nothing on top of the plain forward.
+
+        Why groups: with one direction over all parameters, dL.v mixes every group's gradient, and a
+        group with a large gradient (a classification head: ~1000x the squared norm of a fresh LoRA)
+        floods the estimate of the others with its noise. Separate directions per group keep each
+        group's estimate clean, and each group gets its own K and step size."""
+        import fnmatch
+        neg = pattern.startswith("!")
+        pat = pattern[1:] if neg else pattern
+        keep = [(n, p) for n, p in self.params if fnmatch.fnmatchcase(n, pat) != neg]
+        if not keep:
+            raise ValueError(f"fwdllm: no trainable parameter matches {pattern!r} "
+                             f"(trainable: {', '.join(n for n, _ in self.params[:6])}{' ...' if len(self.params) > 6 else ''})")
+        sub = TrainableLayout.__new__(TrainableLayout)
+        sub.params = keep
+        sub.offsets = {id(p): self.offsets[id(p)] for _, p in keep}
+        sub.numel = self.numel
+        sub.parent = self
+        return sub
+
+    def mask(self) -> torch.Tensor | None:
+        """(numel,) bool: the elements of this layout's parameters, or None when it covers them all."""
+        if sum(p.numel() for _, p in self.params) == self.numel:
+            return None
+        m = torch.zeros(self.numel, dtype=torch.bool)
+        for _, p in self.params:
+            off = self.offsets[id(p)]
+            m[off:off + p.numel()] = True
+        return m
 
 
 class SeedTangents:
@@ -298,15 +334,28 @@ class _Bert(_Arch):
             return None
         return am.to(torch.bool)[:, None, None, :]
 
-    def layer(self, i, x, xd, mask, T, batch):
+    def head_rows(self):
+        """Positions the classification head reads from the last layer (the [CLS] token), or None for
+        a model whose output is used whole."""
+        return slice(0, 1) if self.hf is not self.bert else None
+
+    def layer(self, i, x, xd, mask, T, batch, rows=None):
+        """One encoder layer. ``rows`` (a slice of positions) computes the outputs of those query
+        positions only (keys and values still span the sequence): exact for the last layer under a
+        head that reads [CLS] alone, and it cuts that layer's cost, tangents included, by ~L."""
         layer = self.layers[i]
         att = layer.attention
         B, L, d = x.shape
         Dh = d // self.H
-        q, qd = linear(att.self.query, x, xd, T, f"layer {i} query")
         k, kd = linear(att.self.key, x, xd, T, f"layer {i} key")
         v, vd = linear(att.self.value, x, xd, T, f"layer {i} value")
-        (q, qd), (k, kd), (v, vd) = (_heads(a, ad, B, L, self.H, Dh) for a, ad in ((q, qd), (k, kd), (v, vd)))
+        if rows is not None:
+            x = x[:, rows]
+            xd = None if xd is None else xd[:, :, rows]
+        Lq = x.shape[1]
+        q, qd = linear(att.self.query, x, xd, T, f"layer {i} query")
+        q, qd = _heads(q, qd, B, Lq, self.H, Dh)
+        (k, kd), (v, vd) = (_heads(a, ad, B, L, self.H, Dh) for a, ad in ((k, kd), (v, vd)))
         # Tangent buffers are (K, B, L, d): each name is dropped as soon as it is dead, so at most a
         # few of them (and one (K, B, L, 4d) MLP tangent) are alive at once.
         o, od = fk.attention_dual(q, k, v, qd, kd, vd, attn_mask=mask)
@@ -366,7 +415,10 @@ class _Llama(_Arch):
         mask = None if am is None else am.to(torch.bool)[:, None, None, :]
         return mask, cos, sin
 
-    def layer(self, i, x, xd, masks, T, batch):
+    def head_rows(self):
+        return None
+
+    def layer(self, i, x, xd, masks, T, batch, rows=None):
         mask, cos, sin = masks
         layer = self.layers[i]
         attn = layer.self_attn
@@ -497,7 +549,8 @@ class DualModel:
         self.arch = _arch(base)
         self.layout = TrainableLayout(model)
         self._check_modules()
-        self._prefix = None  # (key, layer index, hidden) of the frozen layers' output for the last batch
+        self._prefix = {}  # {(batch key, layer index): hidden}: frozen layers' outputs, least recently used first
+        self.prefix_cache_size = 16
         self.stats = {"dual_forwards": 0, "prefix_hits": 0}
 
     def _check_modules(self):
@@ -532,6 +585,13 @@ class DualModel:
                 h.update(v.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
+    def _params_key(self, group_layout):
+        h = hashlib.blake2b(digest_size=16)
+        for _, p in self.layout.params:
+            if not group_layout.is_trainable(p):
+                h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def _validate_batch(self, batch):
         if not isinstance(batch, dict) or "input_ids" not in batch:
             raise ValueError("fwdllm: a batch is a dict with at least 'input_ids' (B, L)")
@@ -546,7 +606,7 @@ class DualModel:
     @torch.no_grad()
     def run(self, batch, T, cache_prefix=True):
         """(loss, loss_dot (K,)) for one batch with tangent source T."""
-        x, xd, masks = self._trunk(batch, T, cache_prefix)
+        x, xd, masks = self._trunk(batch, T, cache_prefix, self.arch.head_rows())
         loss, loss_dot = self.arch.head(x, xd, batch, T)
         self.stats["dual_forwards"] += 1
         if loss_dot is None:
@@ -561,24 +621,40 @@ class DualModel:
         x, xd, _ = self._trunk(batch, SeedTangents(self.layout, _as_seeds(seeds), dist), False)
         return x, xd
 
-    def _trunk(self, batch, T, cache_prefix):
+    def _trunk(self, batch, T, cache_prefix, last_rows=None):
         self._validate_batch(batch)
         arch = self.arch
-        first = arch.first_trainable_layer(self.layout)
+        first = arch.first_trainable_layer(T.layout)
         masks = arch.masks(batch)
         start = max(first, 0)
         key = self._batch_key(batch) if cache_prefix and start > 0 else None
-        if key is not None and self._prefix is not None and self._prefix[0] == key and self._prefix[1] == start:
-            x, xd = self._prefix[2], None
+        if key is not None and T.layout is not self.layout:
+            # a perturbation group leaves other trainable parameters (e.g. a LoRA below the head)
+            # inside the "frozen" prefix: their current values belong in the key
+            key += self._params_key(T.layout)
+        hit = None
+        if key is not None:
+            # the deepest cached frozen prefix of this batch at or below `start` (perturbation groups
+            # start at different layers; federated clients revisit their batch when asked for more)
+            hit = max((d for (k, d) in self._prefix if k == key and d <= start), default=None)
+        if hit is not None:
+            x, xd = self._prefix[(key, hit)], None
+            self._prefix[(key, hit)] = self._prefix.pop((key, hit))  # most recently used
             self.stats["prefix_hits"] += 1
+            first_frozen = hit
         else:
             x, xd = arch.embed(batch, T)
-            for i in range(0, start):  # frozen layers: plain inference, no tangent
+            first_frozen = 0
+        if first_frozen < start or hit is None:
+            for i in range(first_frozen, start):  # frozen layers: plain inference, no tangent
                 x, xd = arch.layer(i, x, None, masks, T, batch)
             if key is not None:
-                self._prefix = (key, start, x)
-        for i in range(start, len(arch.layers)):
-            x, xd = arch.layer(i, x, xd, masks, T, batch)
+                self._prefix[(key, start)] = x
+                while len(self._prefix) > self.prefix_cache_size:
+                    self._prefix.pop(next(iter(self._prefix)))
+        n = len(arch.layers)
+        for i in range(start, n):
+            x, xd = arch.layer(i, x, xd, masks, T, batch, rows=last_rows if i == n - 1 else None)
         return x, xd, masks
 
     def loss(self, batch) -> torch.Tensor:
@@ -610,7 +686,19 @@ def _as_seeds(seeds, K=None) -> torch.Tensor:
     return s
 
 
-def forward_gradient(model, batch, seeds, dist="rademacher", chunk_size=None, cache_prefix=True):
+def _group_layout(dm, group):
+    if group is None:
+        return dm.layout
+    if isinstance(group, TrainableLayout):
+        if group.numel != dm.numel or any(dm.layout.offsets.get(id(p)) != group.offsets[id(p)] for _, p in group.params):
+            raise ValueError("fwdllm: group is not a subset of this model's layout (use dm.layout.subset(pattern))")
+        return group
+    if isinstance(group, str):
+        return dm.layout.subset(group)
+    raise TypeError(f"fwdllm: group must be a name pattern or a TrainableLayout, got {type(group).__name__}")
+
+
+def forward_gradient(model, batch, seeds, dist="rademacher", chunk_size=None, cache_prefix=True, group=None):
     """Loss and the K directional derivatives dL.v_k of one dual forward.
 
     Args:
@@ -620,50 +708,66 @@ def forward_gradient(model, batch, seeds, dist="rademacher", chunk_size=None, ca
             flattened trainable vector.
         chunk_size: process the K streams in chunks of this many (less memory, the primal is recomputed
             per chunk above the frozen prefix).
+        group: perturb only a group of parameters (a name pattern or ``dm.layout.subset(pattern)``):
+            v_k is then perturb(seeds[k]) restricted to the group (see TrainableLayout.subset).
     Returns:
         (loss () float32, jvps (K,) float32).
     """
     dm = model if isinstance(model, DualModel) else patch(model)
     s = _as_seeds(seeds)
+    layout = _group_layout(dm, group)
     if chunk_size is None or chunk_size >= s.numel():
-        return dm.run(batch, SeedTangents(dm.layout, s, dist), cache_prefix)
+        return dm.run(batch, SeedTangents(layout, s, dist), cache_prefix)
     if chunk_size < 1:
         raise ValueError("fwdllm: chunk_size must be >= 1")
     outs, loss = [], None
     for i in range(0, s.numel(), chunk_size):
-        loss, j = dm.run(batch, SeedTangents(dm.layout, s[i:i + chunk_size], dist), cache_prefix)
+        loss, j = dm.run(batch, SeedTangents(layout, s[i:i + chunk_size], dist), cache_prefix)
         outs.append(j)
     return loss, torch.cat(outs)
 
 
-def combine_directions(seeds, coefficients, numel: int, dist: str = "rademacher") -> torch.Tensor:
-    """sum_j coefficients[j] v(seeds[j]) over the whole flattened trainable vector: (numel,) float32.
-    Each direction is regenerated once from its seed (the one routine behind gradient reconstruction
-    and the federated server's updates)."""
+def combine_directions(seeds, coefficients, numel: int, dist: str = "rademacher",
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_j coefficients[j] v(seeds[j]) over the whole flattened trainable vector: (numel,) float32,
+    restricted to ``mask`` ((numel,) bool, a group's elements) when given. Each direction is
+    regenerated once from its seed (the one routine behind gradient reconstruction and the federated
+    server's updates)."""
     out = torch.zeros(numel, dtype=torch.float32)
-    for sd, c in zip(seeds, coefficients):
-        c = float(c)
-        if c != 0.0:
-            out.add_(fk.perturb(int(sd), numel, 0, dist), alpha=c)
+    seeds = list(seeds)
+    coefficients = [float(c) for c in coefficients]
+    if mask is None:
+        return fk.perturb_combine(seeds, coefficients, numel, 0, dist, out=out)
+    # only the group's elements: its contiguous runs of the flattened vector
+    idx = torch.nonzero(mask).flatten()
+    if idx.numel() == 0:
+        return out
+    breaks = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1
+    starts = torch.cat([idx[:1], idx[breaks]]).tolist()
+    ends = torch.cat([idx[breaks - 1], idx[-1:]]).tolist()
+    for a, e in zip(starts, ends):
+        fk.perturb_combine(seeds, coefficients, e - a + 1, a, dist, out=out[a:e + 1])
     return out
 
 
 @torch.no_grad()
-def reconstruct_gradient(model, seeds, jvps, dist="rademacher", accumulate=False):
-    """Write the forward gradient (1/K) sum_k jvps[k] v_k into the trainable parameters' ``.grad``.
+def reconstruct_gradient(model, seeds, jvps, dist="rademacher", accumulate=False, group=None):
+    """Write the forward gradient (1/K) sum_k jvps[k] v_k into the trainable parameters' ``.grad``
+    (with ``group``: into that group's parameters only, v_k restricted to it).
 
     v_k is regenerated from seeds[k] (nothing is stored), so any torch optimizer can step afterwards.
-    Returns the flattened gradient estimate (numel,) float32.
+    Returns the flattened gradient estimate (numel,) float32 (zero outside the group).
     """
     dm = model if isinstance(model, DualModel) else patch(model)
+    layout = _group_layout(dm, group)
     s = _as_seeds(seeds)
     jv = torch.as_tensor(jvps, dtype=torch.float32).flatten().cpu()
     if jv.numel() != s.numel():
         raise ValueError(f"fwdllm: {jv.numel()} jvps for {s.numel()} seeds")
     if not torch.isfinite(jv).all():
         raise ValueError("fwdllm: jvps contain NaN or Inf")
-    g = combine_directions(s.tolist(), (jv.double() / s.numel()).tolist(), dm.numel, dist)
-    for name, p in dm.layout.params:
+    g = combine_directions(s.tolist(), (jv.double() / s.numel()).tolist(), dm.numel, dist, layout.mask())
+    for name, p in layout.params:
         off = dm.layout.offset(p)
         gp = g[off:off + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
         if accumulate and p.grad is not None:
@@ -674,11 +778,12 @@ def reconstruct_gradient(model, seeds, jvps, dist="rademacher", accumulate=False
 
 
 @torch.no_grad()
-def central_difference(model, batch, seeds, eps=1e-3, dist="rademacher"):
-    """The published FwdLLM / MeZO estimator on the same seeds: (L(θ+εv) − L(θ−εv)) / 2ε per seed,
-    two plain forwards each, perturbing the trainable parameters in place from the seed and restoring
+def central_difference(model, batch, seeds, eps=1e-3, dist="rademacher", group=None):
+    """The published FwdLLM / MeZO estimator on the same seeds: (L(θ+εv) − L(θ−εv)) / 2ε per seed
+    (v restricted to ``group`` when given), two plain forwards each, perturbing the trainable parameters in place from the seed and restoring
     them exactly afterwards (from a copy). Returns (loss at θ, estimates (K,))."""
     dm = model if isinstance(model, DualModel) else patch(model)
+    layout = _group_layout(dm, group)
     s = _as_seeds(seeds)
     saved = [p.detach().clone() for _, p in dm.layout.params]
     est = torch.empty(s.numel())
@@ -689,7 +794,8 @@ def central_difference(model, batch, seeds, eps=1e-3, dist="rademacher"):
             for sign in (1.0, -1.0):
                 for (_, p), p0 in zip(dm.layout.params, saved):
                     off = dm.layout.offset(p)
-                    p.copy_(p0 + sign * eps * v[off:off + p.numel()].view_as(p).to(p.dtype))
+                    if layout.is_trainable(p):
+                        p.copy_(p0 + sign * eps * v[off:off + p.numel()].view_as(p).to(p.dtype))
                 losses.append(float(dm.loss(batch)))
             est[k] = (losses[0] - losses[1]) / (2 * eps)
     finally:

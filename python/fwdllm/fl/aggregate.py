@@ -33,10 +33,11 @@ def direction(seed: int, numel: int, dist: str = "rademacher") -> torch.Tensor:
     return fk.perturb(int(seed), numel, 0, dist)
 
 
-def combine(seeds, coefficients, numel: int, dist: str = "rademacher") -> torch.Tensor:
-    """sum_j coefficients[j] v(seeds[j]): (numel,) float32 (fwdllm.dual.combine_directions)."""
+def combine(seeds, coefficients, numel: int, dist: str = "rademacher", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_j coefficients[j] v(seeds[j]): (numel,) float32, restricted to ``mask`` (a perturbation
+    group's elements) when given (fwdllm.dual.combine_directions)."""
     return combine_directions(np.asarray(seeds).tolist(), np.asarray(coefficients, dtype=np.float64).tolist(),
-                              numel, dist)
+                              numel, dist, mask)
 
 
 @dataclass
@@ -50,8 +51,9 @@ class Aggregate:
     num_perturbations: int
 
 
-def aggregate(uploads, numel: int, dist: str = "rademacher") -> Aggregate:
-    """Pool uploads [(seeds (K_c,), jvps (K_c,), num_examples), ...] into one estimate.
+def aggregate(uploads, numel: int, dist: str = "rademacher", mask: torch.Tensor | None = None) -> Aggregate:
+    """Pool uploads [(seeds (K_c,), jvps (K_c,), num_examples), ...] into one estimate (of one
+    perturbation group's gradient when ``mask`` ((numel,) bool) restricts the directions).
 
     Client c's perturbations each get weight (n_c / sum n) / K_c. The variance statistic treats the N
     pooled per-perturbation estimates as exchangeable (exact when every client has the same n/K).
@@ -70,19 +72,20 @@ def aggregate(uploads, numel: int, dist: str = "rademacher") -> Aggregate:
         coef.append(j * (n / total) / s.size)
         jv_all.append(j)
     seeds, coef, jv = np.concatenate(seeds), np.concatenate(coef), np.concatenate(jv_all)
-    g = combine(seeds, coef, numel, dist)
+    g = combine(seeds, coef, numel, dist, mask)
     N = seeds.size
-    sq_norm_v = float(numel) if dist == "rademacher" else None
+    dim = numel if mask is None else int(mask.sum())
+    sq_norm_v = float(dim) if dist == "rademacher" else None
     if N < 2:
         var = float("inf")
     else:
         if sq_norm_v is not None:
             per = jv ** 2 * sq_norm_v
         else:
-            per = np.array([float(j) ** 2 * float(direction(s, numel, dist).double().square().sum())
+            per = np.array([float(j) ** 2 * float(_masked(direction(s, numel, dist), mask).double().square().sum())
                             for s, j in zip(seeds.tolist(), jv.tolist())])
         # equal-weight form of the statistic, on the mean (1/N) sum jvp_i v_i
-        g_eq = combine(seeds, jv / N, numel, dist).double()
+        g_eq = combine(seeds, jv / N, numel, dist, mask).double()
         var = max(0.0, (float(per.sum()) - N * float(g_eq.square().sum())) / (N * (N - 1)))
     # ||g||^2 overestimates the signal by the variance itself (E||g||^2 = ||E g||^2 + var): divide by
     # the unbiased ||g||^2 - var, so the statistic keeps falling as 1/N instead of saturating at 1.
@@ -91,21 +94,25 @@ def aggregate(uploads, numel: int, dist: str = "rademacher") -> Aggregate:
     return Aggregate(g, seeds, coef.astype(np.float32), var, rel, N)
 
 
-def cosine_with(seeds, reference: torch.Tensor, dist: str = "rademacher") -> np.ndarray:
-    """cos(v(seed), reference) for each seed: (len(seeds),)."""
+def _masked(v, mask):
+    return v if mask is None else v.masked_fill_(~mask, 0.0)
+
+
+def cosine_with(seeds, reference: torch.Tensor, dist: str = "rademacher", mask: torch.Tensor | None = None) -> np.ndarray:
+    """cos(v(seed), reference) for each seed: (len(seeds),) (v restricted to ``mask`` when given)."""
     ref = reference.double()
     rn = float(ref.norm())
     out = np.zeros(len(seeds))
     if rn == 0:
         return out
     for i, s in enumerate(np.asarray(seeds).tolist()):
-        v = direction(s, ref.numel(), dist).double()
+        v = _masked(direction(s, ref.numel(), dist), mask).double()
         out[i] = float(v @ ref) / (float(v.norm()) * rn)
     return out
 
 
 def discriminative_select(candidates, keep: int, previous_gradient: torch.Tensor | None,
-                          dist: str = "rademacher") -> np.ndarray:
+                          dist: str = "rademacher", mask: torch.Tensor | None = None) -> np.ndarray:
     """The ``keep`` candidate seeds whose perturbations align best with the previous gradient estimate
     (highest cosine; ties and a missing/zero previous gradient keep the first candidates)."""
     candidates = np.asarray(candidates, np.int64)
@@ -113,6 +120,6 @@ def discriminative_select(candidates, keep: int, previous_gradient: torch.Tensor
         raise ValueError(f"discriminative_select: keep must be in [1, {candidates.size}], got {keep}")
     if previous_gradient is None or float(previous_gradient.norm()) == 0.0:
         return candidates[:keep]
-    cos = cosine_with(candidates, previous_gradient, dist)
+    cos = cosine_with(candidates, previous_gradient, dist, mask)
     order = np.argsort(-cos, kind="stable")
     return candidates[np.sort(order[:keep])]

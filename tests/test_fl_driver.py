@@ -206,3 +206,20 @@ def test_config_round_trip_and_validation():
         load_config(None, ["rounds=1.5"])
     with pytest.raises(ConfigError, match=r"optimizer.groups\[0\].lr_scale"):
         load_config(None, ['optimizer.groups=[{pattern="*x*", lr_scale=-1.0}]'])
+
+
+def test_profiler_rows_and_recommendation(corpus, tmp_path):
+    from fwdllm.fl.profile import format_profile, profile
+    cfg = _cfg(corpus, tmp_path)
+    rows = profile(cfg, batches=1, K=16)
+    assert [r["kind"] for r in rows] == ["lora", "adapter", "bitfit"]
+    assert sum(r["recommended"] for r in rows) == 1
+    for r in rows:
+        assert r["trainable"] == r["encoder"] + r["head"] > 0
+        assert -1 <= r["cos_encoder"] <= 1 and -1 <= r["cos_head"] <= 1 and r["step_s"] > 0
+        # the head's gradient dwarfs the encoder's (why it gets directions of its own)
+        assert r["head_over_encoder"] > 1
+        # K_head = 16 directions over the 770 head parameters align far better than chance
+        assert r["cos_head"] > 0.05
+    text = format_profile(rows, 16)
+    assert "recommended" in text and "bitfit" in text

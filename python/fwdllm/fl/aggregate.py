@@ -84,8 +84,12 @@ def aggregate(uploads, numel: int, dist: str = "rademacher", mask: torch.Tensor 
         else:
             per = np.array([float(j) ** 2 * float(_masked(direction(s, numel, dist), mask).double().square().sum())
                             for s, j in zip(seeds.tolist(), jv.tolist())])
-        # equal-weight form of the statistic, on the mean (1/N) sum jvp_i v_i
-        g_eq = combine(seeds, jv / N, numel, dist, mask).double()
+        # equal-weight form of the statistic, on the mean (1/N) sum jvp_i v_i (the pooled g itself
+        # when every client has the same n/K: skip the second regeneration pass then)
+        if np.allclose(coef * N, jv, rtol=1e-12, atol=0):
+            g_eq = g.double()
+        else:
+            g_eq = combine(seeds, jv / N, numel, dist, mask).double()
         var = max(0.0, (float(per.sum()) - N * float(g_eq.square().sum())) / (N * (N - 1)))
     # ||g||^2 overestimates the signal by the variance itself (E||g||^2 = ||E g||^2 + var): divide by
     # the unbiased ||g||^2 - var, so the statistic keeps falling as 1/N instead of saturating at 1.

@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
         "clients_per_round": 4,
         "K": 64,                   # perturbations of the encoder group per client per request
         "K_head": 256,             # perturbations of the head group (its own directions; 0: K)
+        "separate_head": True,     # false: one group, every direction spans the head and the encoder
         "dist": "rademacher",
         "history": 50,             # rounds of updates the server keeps for clients catching up by replay
     },

@@ -98,10 +98,11 @@ class Run:
         specs = []
         head_names = [n for n, _ in layout.params if fnmatch.fnmatchcase(n, hp)]
         rest_names = [n for n, _ in layout.params if n not in head_names]
-        if rest_names:
-            specs.append(("encoder", "!" + hp if head_names else "*", K))
-        if head_names:
-            specs.append(("head", hp, cfg["fl"]["K_head"] if cfg["fl"]["K_head"] > 0 else K))
+        if not cfg["fl"]["separate_head"] or not head_names or not rest_names:
+            specs.append(("all", "*", K if rest_names else (cfg["fl"]["K_head"] or K)))
+        else:
+            specs.append(("encoder", "!" + hp, K))
+            specs.append(("head", hp, cfg["fl"]["K_head"] or K))
         groups, layouts = [], []
         for name, pat, k in specs:
             sub = layout.subset(pat) if pat != "*" else layout

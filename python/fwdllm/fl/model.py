@@ -116,12 +116,13 @@ def build_model(cfg: dict, num_labels: int):
             prefix = "bert.encoder.layer." if any(n.startswith("bert.encoder.layer.") for n in names) else "model.layers."
             sel = tuple(f"{prefix}{i}." for i in layers)
             add_adapters(model, reduction=p["reduction"])
-            for n, q in model.named_parameters():
-                q.requires_grad_(".adapter." in n and n.startswith(sel))
+            from ..adapters import BottleneckAdapter
+            for q in model.parameters():
+                q.requires_grad_(False)
             for n, mod in model.named_modules():
-                if hasattr(mod, "down") and hasattr(mod, "up") and not n.startswith(sel):
-                    for q in mod.parameters():
-                        q.requires_grad_(False)
+                if isinstance(mod, BottleneckAdapter) and (n + ".").startswith(sel):
+                    for q in list(mod.down.parameters()) + list(mod.up.parameters()):
+                        q.requires_grad_(True)
         elif p["kind"] == "bitfit":
             names = [n for n, _ in model.named_parameters()]
             prefix = "bert.encoder.layer." if any(n.startswith("bert.encoder.layer.") for n in names) else "model.layers."

@@ -69,10 +69,14 @@ setup(
     packages=["fwdkernels", "fwdllm", "fwdllm.fl"],
     package_dir={"fwdkernels": "fwdkernels", "fwdllm": "python/fwdllm"},
     python_requires=">=3.9",
-    install_requires=["torch>=2.3", "numpy"],
+    install_requires=["torch>=2.3", "numpy", "transformers", "peft", "matplotlib"],
+    entry_points={"console_scripts": ["fwdllm = fwdllm.cli:main"]},
     extras_require={
         "test": ["pytest", "pytest-benchmark", "peft", "transformers"],
         "triton": ["triton"],
+        # fwdllm.flower: the Flower ServerApp/ClientApp (simulation extra = Ray); install with the torch
+        # constraint (pip install -c constraints.txt -e .[flower]) so that nothing replaces torch.
+        "flower": ["flwr[simulation]==1.41.0", "psutil"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,4 +1,4 @@
-"""Run the federated driver over Flower (https://flower.ai): a ``ServerApp`` and a ``ClientApp`` on
+r"""Run the federated driver over Flower (https://flower.ai): a ``ServerApp`` and a ``ClientApp`` on
 Flower's Message API that carry the protocol's byte messages (:mod:`fwdllm.fl.messages`: seeds and
 scalars up, sync records and requests down; never gradient arrays) and give the same final
 parameters as the in-process driver (:func:`fwdllm.fl.driver.train`) with the same config.
@@ -63,23 +63,23 @@ Install fwdllm with the extra on every machine (``pip install -e .[flower]``), p
 each, and ``export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``. The commands below use
 ``--insecure`` (no TLS) for brevity; use certificates on a real network.
 
-1. On the server machine, the SuperLink (Fleet API for the SuperNodes on port 9092, Control API for
-   ``flwr`` on 9093)::
+1. On the server machine, the SuperLink; one HTTP port (default 8000) serves the SuperNodes (Fleet
+   API) and ``flwr`` (Control API)::
 
-       flower-superlink --insecure --disable-runtime-dependency-installation
+       flower-superlink --insecure --host 0.0.0.0 --port 8000 --disable-runtime-dependency-installation
 
 2. On each client machine i of P (i = 0..P-1), a SuperNode; node i hosts the clients c with
    ``c % P == i`` (P = ``data.clients`` gives one client per node)::
 
-       flower-supernode --insecure --superlink SERVER:9092 \\
+       flower-supernode --insecure --superlink SERVER:8000 \
            --node-config "partition-id=$i num-partitions=$P"
 
-   (add ``data-path=\\"/data/train.csv\\"`` to ``--node-config`` when the dataset lives at
-   another path on that machine; several SuperNodes on one machine need distinct ``--port``).
+   Several SuperNodes on one machine need distinct ``--port`` values (their local runtime API,
+   default 9094). Add ``data-path='/data/train.csv'`` to ``--node-config`` when the dataset
+   lives at another path on that machine.
 
-3. Anywhere with ``flwr``, an app directory with this ``pyproject.toml`` and the fwdllm config
-   ``run.toml`` beside it (the path is read on the SuperLink's machine: give an absolute path, or
-   put the TOML text itself in ``fwdllm-config``)::
+3. Anywhere with ``flwr``, an app directory with this ``pyproject.toml`` (paths are read on the
+   SuperLink's machine: make them absolute, or put the TOML text itself in ``fwdllm-config``)::
 
        [build-system]
        requires = ["hatchling"]
@@ -103,14 +103,17 @@ each, and ``export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``. The command
        [tool.flwr.app.config]
        fwdllm-config = "/path/to/run.toml"
        fwdllm-overrides = ""
-       fwdllm-run-dir = ""
+       fwdllm-run-dir = "/path/to/runs/flower"
        fwdllm-wait-s = 600
        fwdllm-timeout-s = 3600
 
    and a SuperLink connection in ``$FLWR_HOME/config.toml`` (default ``~/.flwr/config.toml``)::
 
+       [superlink]
+       default = "fwdllm"
+
        [superlink.fwdllm]
-       address = "SERVER:9093"
+       address = "SERVER:8000"
        insecure = true
 
    then start the run (``--stream`` follows its log)::
@@ -119,7 +122,10 @@ each, and ``export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``. The command
        flwr run . fwdllm --run-config 'fwdllm-overrides="rounds=50 fl.K=32"'
 
    The run directory (metrics, checkpoints, adapter, summary, report) is written on the SuperLink's
-   machine, where the ServerApp runs.
+   machine, where the ServerApp runs. Every key of the run configuration has to be declared in
+   ``[tool.flwr.app.config]`` for ``--run-config`` to override it. In this mode a SuperNode starts
+   a fresh ClientApp process per message, which rebuilds the model from the config (a few
+   seconds per message), so a round costs a few seconds more than in simulation.
 """
 from __future__ import annotations
 
@@ -221,7 +227,7 @@ def _state_from_record(rec) -> dict:
 client_app = ClientApp()
 
 _RUN_LOCK = threading.Lock()
-_RUN_CACHE: dict = {}   # (config text, data path) -> (Run, pristine clients); one entry per process
+_RUN_CACHE: dict = {}   # (config text, data path) -> Run (its clients stay pristine); one entry per process
 
 
 def _node_partition(context: Context) -> tuple[int, int]:
@@ -326,7 +332,7 @@ class FlowerExchange:
             if new:
                 msgs = [Message(RecordDict({RECORD: ConfigRecord({"op": "hello"})}), dst_node_id=n,
                                 message_type=HELLO) for n in new]
-                for n, rep in zip(new, self._send(msgs, max(1.0, end - time.monotonic()))):
+                for n, rep in zip(new, self._send(msgs, min(30.0, max(1.0, end - time.monotonic())))):
                     if rep is None:
                         continue
                     if rep.has_error() or not rep.has_content() or RECORD not in rep.content:
@@ -334,11 +340,11 @@ class FlowerExchange:
                         raise RuntimeError(f"SuperNode {n} cannot serve fwdllm: {reason}")
                     r = rep.content[RECORD]
                     seen[n] = (int(r[PARTITION_ID]), int(r[NUM_PARTITIONS]))
-            counts = {P for _, P in seen.values()}
+            counts = sorted({P for _, P in seen.values()})
             if len(counts) > 1:
-                raise RuntimeError(f"SuperNodes disagree on num-partitions: {sorted(counts)}")
+                raise RuntimeError(f"SuperNodes disagree on num-partitions: {counts}")
             if counts:
-                P = counts.pop()
+                P = counts[0]
                 node_of: dict[int, int] = {}
                 for n, (p, _) in sorted(seen.items()):
                     if p in node_of:
@@ -349,7 +355,7 @@ class FlowerExchange:
             if time.monotonic() >= end:
                 have = sorted(p for p, _ in seen.values())
                 raise RuntimeError(f"timed out after {self.wait_s:g} s waiting for the SuperNodes: partitions "
-                                   f"{have} connected of num-partitions={counts or '?'}")
+                                   f"{have} connected of num-partitions={counts[0] if counts else '?'}")
             time.sleep(1.0)
         clients = self.cfg["data"]["clients"]
         if P > clients:
@@ -450,6 +456,7 @@ def _end_children(before: set, wait_s: float = 15.0) -> list[int]:
     import psutil
     end = time.monotonic() + wait_s
     ended: list[int] = []
+    quiet = 0
     while True:
         alive = []
         for pid, p in _children().items():
@@ -466,14 +473,19 @@ def _end_children(before: set, wait_s: float = 15.0) -> list[int]:
                 continue
             alive.append(p)
         if not alive:
-            return ended
+            quiet += 1
+            if quiet >= 3:  # nothing new for a few polls in a row
+                return ended
+            time.sleep(0.1)
+            continue
+        quiet = 0
         if time.monotonic() >= end:
             for p in alive:
                 try:
                     p.terminate()
                 except psutil.NoSuchProcess:
                     pass
-            gone, still = psutil.wait_procs(alive, timeout=5)
+            _, still = psutil.wait_procs(alive, timeout=5)
             for p in still:
                 try:
                     p.kill()
@@ -489,6 +501,18 @@ def _end_children(before: set, wait_s: float = 15.0) -> list[int]:
             log.warning("ended %d leftover simulation processes: %s", len(alive), [p.pid for p in alive])
             return ended
         time.sleep(0.2)
+
+
+def _join_flower_threads(before: set, timeout: float = 10.0) -> None:
+    """Wait for the threads Flower started during the call (e.g. its telemetry events, which build
+    their payload even when telemetry is off and run ``file`` for ``platform.architecture()``)."""
+    end = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t in before or t is threading.current_thread():
+            continue
+        target = getattr(t, "_target", None)
+        if (getattr(target, "__module__", "") or "").startswith("flwr."):
+            t.join(max(0.0, end - time.monotonic()))
 
 
 def run_simulation(cfg: dict, run_dir: str, num_supernodes: int | None = None, on_round=None,
@@ -512,6 +536,7 @@ def run_simulation(cfg: dict, run_dir: str, num_supernodes: int | None = None, o
     bc.setdefault("init_args", {}).setdefault("include_dashboard", False)
     result: dict = {}
     before = set(_children())
+    threads_before = set(threading.enumerate())
     started_ray = not ray.is_initialized()
     try:
         flwr_run_simulation(server_app=make_server_app(cfg, run_dir, on_round, result), client_app=client_app,
@@ -519,6 +544,7 @@ def run_simulation(cfg: dict, run_dir: str, num_supernodes: int | None = None, o
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
+        _join_flower_threads(threads_before)
         if started_ray:
             _end_children(before)
     if "summary" not in result:

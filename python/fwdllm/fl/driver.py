@@ -223,10 +223,13 @@ class Run:
                 rs = M.encode(srv.round_start(c, req))
                 down += sum(len(m) for m in sync) + len(rs)
                 jobs.append((c, sync, rs))
-            for data, sec in exchange(jobs):
+            for (c, _, _), (data, sec) in zip(jobs, exchange(jobs)):
                 compute += sec
                 up += len(data)
-                srv.receive(data)
+                if srv.receive(data) is None:
+                    # the client's state is unknown (it may have failed before syncing, or lost its
+                    # state): the next contact downloads the parameters, which is always safe
+                    versions[c] = None
             if cfg["method"] == "fedavg-bp":
                 break
             aggs = srv.aggregate()

@@ -133,10 +133,11 @@ def test_sigkill_mid_run_resumes_to_the_same_parameters(corpus, tmp_path):
     assert torch.equal(_theta(rd), _theta(ref["run_dir"]))
 
 
-@pytest.mark.parametrize("method", ["mezo", "fedavg-bp"])
+@pytest.mark.parametrize("method", ["mezo", "fedavg-bp", "fwdllm+sampling"])
 def test_baselines_run_in_the_same_driver(corpus, tmp_path, method):
-    s = train(_cfg(corpus, tmp_path, name=f'"{method}"', method=f'"{method}"', rounds=2, eval_every=1,
-                   **{"fedavg.local_steps": 2}))
+    extra = {"sampling.enabled": "true", "sampling.candidates": 4} if "sampling" in method else {}
+    s = train(_cfg(corpus, tmp_path, name=f'"{method}"', method=f'"{method.split("+")[0]}"', rounds=2, eval_every=1,
+                   **{"fedavg.local_steps": 2}, **extra))
     rows = _rows(s["run_dir"])
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
     if method == "fedavg-bp":

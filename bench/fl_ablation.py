@@ -1,0 +1,88 @@
+"""Which ingredients of the default recipe matter: `fwdllm train` variants that each change one thing,
+with the same rounds, clients and data, and a section of bench/RESULTS.md.
+
+    python bench/fl_ablation.py --out runs/ablation [--jobs 2] [--set rounds=150 ...]
+
+A finished variant's run directory is reused unless --fresh.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fl_compare import cpu_name, write_section  # noqa: E402
+
+SECTION = "## Federated training: which ingredients matter (issue 4)"
+
+VARIANTS = [
+    ("default", [], "the make-run recipe"),
+    ("head-only", ["peft.kind=\"head\""], "train the classifier head alone (no encoder LoRA)"),
+    ("one-group", ["fl.separate_head=false", "fl.K=256"],
+     "one set of directions over head + encoder (no perturbation groups)"),
+    ("same-lr", ["optimizer.groups=[]"], "one learning rate for head and encoder (no per-group step)"),
+    ("small-K", ["fl.K=32", "fl.K_head=64"], "K = 32 encoder / 64 head directions per client"),
+    ("all-layers", ["peft.layers=[]"], "LoRA on every layer's query (tangents through all 6 layers)"),
+    ("sgd", ["optimizer.kind=\"sgd\"", "optimizer.lr=0.5"], "SGD (linear decay) instead of Adam"),
+    ("pacing", ["pacing.enabled=true"], "variance-controlled pacing on"),
+    ("sampling", ["sampling.enabled=true"], "discriminative perturbation sampling on"),
+]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma-separated variant names")
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    a = ap.parse_args(argv)
+    variants = [v for v in VARIANTS if not a.only or v[0] in a.only.split(",")]
+    procs = []
+    for name, over, _ in variants:
+        rd = os.path.join(a.out, name)
+        if not a.fresh and os.path.exists(os.path.join(rd, "summary.json")):
+            continue
+        cmd = [sys.executable, "-m", "fwdllm", "train", "--out", a.out, "--name", name, "--set", "progress=false"]
+        for o in list(a.overrides) + over:
+            cmd += ["--set", o]
+        print("running:", " ".join(cmd), flush=True)
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        while sum(p.poll() is None for p in procs) >= a.jobs:
+            import time
+            time.sleep(2)
+    for p in procs:
+        if p.wait() != 0:
+            sys.exit(f"a run failed: {p.args}")
+    rows = []
+    for name, over, what in VARIANTS:
+        rd = os.path.join(a.out, name)
+        if not os.path.exists(os.path.join(rd, "summary.json")):
+            continue
+        s = json.load(open(os.path.join(rd, "summary.json")))
+        ms = [json.loads(l) for l in open(os.path.join(rd, "metrics.jsonl"))]
+        best = max((r["accuracy"] for r in ms if r["accuracy"] is not None), default=float("nan"))
+        rows.append((name, what, s, best, sum(r["perturbations"] for r in ms) / len(ms)))
+    import tomllib
+    c = tomllib.loads(open(os.path.join(a.out, rows[0][0], "config.toml")).read())
+    lines = [SECTION, "",
+             f"Machine: {cpu_name()}, {c['threads']} thread(s) per run, runs side by side. Command: `python bench/fl_ablation.py "
+             f"--out {a.out}{''.join(' --set ' + o for o in a.overrides)}`. Every variant changes one thing of the "
+             f"default config (`python/fwdllm/fl/config.py`) and runs {c['rounds']} rounds with "
+             f"{c['fl']['clients_per_round']} of {c['data']['clients']} non-IID clients (Dirichlet alpha = "
+             f"{c['data']['alpha']}). Final accuracy on the 2,000-sentence test split (majority class "
+             f"{rows[0][2]['majority_accuracy']:.3f}).", "",
+             "| variant | what changes | final accuracy | vs majority | trainable | perturbations / round | client compute s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, what, s, best, pert in rows:
+        lines.append(f"| {name} | {what} | {s['final_accuracy']:.4f} | {100 * (s['final_accuracy'] - s['majority_accuracy']):+.1f} pts | "
+                     f"{s['trainable_parameters']:,} | {pert:,.0f} | {s['client_compute_s']:.0f} |")
+    write_section("\n".join(lines), heading=SECTION)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -67,8 +67,9 @@ def batch_for(model, B=2, L=9, pad=True, labels="cls", seed=1, vocab=None):
     return b
 
 
-def reference_jvps(model, batch, seeds, dist="rademacher"):
-    """torch.func.jvp in float64 of the unpatched model's loss, perturbations materialised."""
+def reference_jvps(model, batch, seeds, dist="rademacher", only=None):
+    """torch.func.jvp in float64 of the unpatched model's loss, perturbations materialised
+    (restricted to the parameters whose name contains ``only`` when given)."""
     layout = fwdllm.TrainableLayout(model)
     m64 = copy.deepcopy(model).double().eval()
     names = [n for n, _ in layout.params]
@@ -81,7 +82,8 @@ def reference_jvps(model, batch, seeds, dist="rademacher"):
     out = []
     for s in seeds:
         v = fk.perturb(int(s), layout.numel, 0, dist, backend="reference").double()
-        tangents = tuple(v[layout.offset(p):layout.offset(p) + p.numel()].view_as(p) for _, p in layout.params)
+        tangents = tuple(v[layout.offset(p):layout.offset(p) + p.numel()].view_as(p) * (only is None or only in n)
+                         for n, p in layout.params)
         loss, j = torch.func.jvp(f, primals, tangents)
         out.append(j)
     return loss, torch.stack(out)
@@ -345,3 +347,26 @@ def test_bert_bottleneck_adapters_match_jvp():
 def test_llama_bottleneck_adapters_match_jvp():
     m = fwdllm.add_adapters(tiny_llama("cls"), reduction=4, init_scale=1.0)
     assert_jvps_close(m, batch_for(m), K=2)
+
+
+def test_group_prefix_cache_sees_parameters_of_other_groups():
+    """A head-only group's frozen prefix contains the (trainable) LoRA of the layers below: after the
+    LoRA changes, the cached prefix must not be reused (its jvps match a fresh model's)."""
+    m = lora(tiny_bert(), ["query"], task="SEQ_CLS")
+    dm = fwdllm.patch(m)
+    b = batch_for(m)
+    seeds = torch.tensor([5, 6, 7])
+    head = dm.layout.subset("*classifier*")
+    enc = dm.layout.subset("!*classifier*")
+    fwdllm.forward_gradient(dm, b, seeds, group=head)
+    with torch.no_grad():
+        for _, p in enc.params:
+            p.add_(0.05)
+    loss1, j1 = fwdllm.forward_gradient(dm, b, seeds, group=head)
+    loss2, j2 = fwdllm.forward_gradient(dm, b, seeds, group=head, cache_prefix=False)
+    assert torch.equal(loss1, loss2) and torch.allclose(j1, j2, rtol=1e-6, atol=1e-7)
+    # the group's directions are the whole-vector perturbations restricted to the group
+    for grp, only in ((head, "classifier"), (enc, "lora")):
+        _, jv = fwdllm.forward_gradient(dm, b, seeds, group=grp)
+        _, ref = reference_jvps(m, b, seeds, only=only)
+        assert ((jv.double() - ref).norm() / ref.norm()).item() < 1e-4

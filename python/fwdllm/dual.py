@@ -585,11 +585,15 @@ class DualModel:
                 h.update(v.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
-    def _params_key(self, group_layout):
+    def _params_key(self, group_layout, start):
+        """Hash of the trainable parameters outside the group that the frozen prefix (embeddings and
+        layers < start) uses."""
         h = hashlib.blake2b(digest_size=16)
-        for _, p in self.layout.params:
-            if not group_layout.is_trainable(p):
-                h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        mods = [self.arch.embeddings] + list(self.arch.layers[:start])
+        for m in mods:
+            for p in m.parameters():
+                if self.layout.is_trainable(p) and not group_layout.is_trainable(p):
+                    h.update(p.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def _validate_batch(self, batch):
@@ -629,9 +633,9 @@ class DualModel:
         start = max(first, 0)
         key = self._batch_key(batch) if cache_prefix and start > 0 else None
         if key is not None and T.layout is not self.layout:
-            # a perturbation group leaves other trainable parameters (e.g. a LoRA below the head)
-            # inside the "frozen" prefix: their current values belong in the key
-            key += self._params_key(T.layout)
+            # a perturbation group can leave other trainable parameters (e.g. a LoRA below the head)
+            # inside its "frozen" prefix: their current values belong in the key
+            key += self._params_key(T.layout, start)
         hit = None
         if key is not None:
             # the deepest cached frozen prefix of this batch at or below `start` (perturbation groups

@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "separate_head": True,     # false: one group, every direction spans the head and the encoder
         "dist": "rademacher",
         "history": 50,             # rounds of updates the server keeps for clients catching up by replay
+        "sync": "auto",            # auto (replay the missed updates when they weigh fewer bytes than a download) | replay | download
     },
     "pacing": {
         "enabled": False,
@@ -94,6 +95,7 @@ _CHOICES = {
     "method": ("fwdllm", "mezo", "fedavg-bp"),
     "peft.kind": ("lora", "adapter", "bitfit", "head", "auto"),
     "fl.dist": ("rademacher", "normal"),
+    "fl.sync": ("auto", "replay", "download"),
     "pacing.grow": ("perturbations", "clients"),
     "optimizer.kind": ("sgd", "adam"),
     "optimizer.schedule": ("constant", "linear", "cosine"),

@@ -80,7 +80,7 @@ class Run:
         cand = cfg["sampling"]["candidates"] if cfg["sampling"]["enabled"] else 1
         self.candidates = cand
         self.server = Server(theta0, self.groups, self._optimizer(), cfg["seed"], cfg["fl"]["dist"],
-                             history=cfg["fl"]["history"], candidates=cand)
+                             history=cfg["fl"]["history"], candidates=cand, sync=cfg["fl"]["sync"])
         self.clients = [Client(c, idx, self._optimizer()) for c, idx in enumerate(self.client_indices)]
         self.round = 0
         self.compute_s = 0.0

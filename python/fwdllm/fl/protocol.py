@@ -107,7 +107,11 @@ class Server:
     """
 
     def __init__(self, theta: torch.Tensor, groups: list[Group], opt: FlatOptimizer, run_seed: int,
-                 dist: str = "rademacher", history: int = 50, candidates: int = 1, jvp_bound: float = 100.0):
+                 dist: str = "rademacher", history: int = 50, candidates: int = 1, jvp_bound: float = 100.0,
+                 sync: str = "auto"):
+        if sync not in ("auto", "replay", "download"):
+            raise ValueError(f"sync must be auto, replay or download, got {sync!r}")
+        self.sync = sync
         self.theta = theta.detach().clone().float()
         self.groups = groups
         self.opt = opt
@@ -140,14 +144,22 @@ class Server:
 
     def sync_messages(self, client_version: int | None, with_last_update: bool = False) -> list:
         """What a client at ``client_version`` (None: new) needs to reach the server's version: the
-        Updates it missed if the history still holds them, else a ParamsDownload (followed by the
-        last Update, already applied, when the client needs the previous estimate for sampling)."""
+        Updates it missed if the history still holds them and (``sync="auto"``) they weigh fewer
+        bytes than the parameters, else a ParamsDownload (followed by the last Update, already
+        applied, when the client needs the previous estimate for sampling). Replaying costs the
+        client one regeneration of every direction of every missed round; downloading costs bytes."""
         if client_version == self.version:
             return []
         hist = {u.model_version: u for u in self.history}
-        if client_version is not None and 0 <= client_version < self.version and \
+        if self.sync != "download" and client_version is not None and 0 <= client_version < self.version and \
                 all(v in hist for v in range(client_version, self.version)):
-            return [hist[v] for v in range(client_version, self.version)]
+            replay = [hist[v] for v in range(client_version, self.version)]
+            if self.sync == "replay":
+                return replay
+            replay_bytes = sum(M.HEADER_BYTES + 20 + 13 * len(u.seeds) for u in replay)
+            download_bytes = M.HEADER_BYTES + 12 + 4 * (self.theta.numel() + self.opt.state().size)
+            if replay_bytes <= download_bytes:
+                return replay
         out: list = [M.ParamsDownload(self.version, self.theta.numpy().copy(), self.opt.state())]
         if with_last_update and self.version - 1 in hist:
             out.append(hist[self.version - 1])

@@ -625,17 +625,18 @@ class DualModel:
         x, xd, _ = self._trunk(batch, SeedTangents(self.layout, _as_seeds(seeds), dist), False)
         return x, xd
 
-    def _trunk(self, batch, T, cache_prefix, last_rows=None):
+    def _trunk(self, batch, T, cache_prefix, last_rows=None, start_layout=None):
         self._validate_batch(batch)
         arch = self.arch
-        first = arch.first_trainable_layer(T.layout)
+        start_layout = start_layout or T.layout
+        first = arch.first_trainable_layer(start_layout)
         masks = arch.masks(batch)
         start = max(first, 0)
         key = self._batch_key(batch) if cache_prefix and start > 0 else None
-        if key is not None and T.layout is not self.layout:
+        if key is not None and start_layout is not self.layout:
             # a perturbation group can leave other trainable parameters (e.g. a LoRA below the head)
             # inside its "frozen" prefix: their current values belong in the key
-            key += self._params_key(T.layout, start)
+            key += self._params_key(start_layout, start)
         hit = None
         if key is not None:
             # the deepest cached frozen prefix of this batch at or below `start` (perturbation groups
@@ -661,12 +662,19 @@ class DualModel:
             x, xd = arch.layer(i, x, xd, masks, T, batch, rows=last_rows if i == n - 1 else None)
         return x, xd, masks
 
-    def loss(self, batch) -> torch.Tensor:
-        """The plain loss (no tangents), computed by the same code path."""
+    @torch.no_grad()
+    def loss(self, batch, varying: TrainableLayout | None = None) -> torch.Tensor:
+        """The plain loss (no tangents), computed by the same code path. ``varying``: only these
+        parameters change between calls (a finite-difference estimator perturbing a group), so the
+        layers below the first of them are taken from the prefix cache."""
         seeds = torch.zeros(1, dtype=torch.int64)
         frozen = TrainableLayout.__new__(TrainableLayout)
         frozen.params, frozen.offsets, frozen.numel = [], {}, 0
-        return self.run(batch, SeedTangents(frozen, seeds, "rademacher"), cache_prefix=False)[0]
+        T = SeedTangents(frozen, seeds, "rademacher")
+        if varying is None:
+            return self.run(batch, T, cache_prefix=False)[0]
+        x, _, _ = self._trunk(batch, T, True, self.arch.head_rows(), start_layout=varying)
+        return self.arch.head(x, None, batch, T)[0]
 
 
 def patch(model: torch.nn.Module) -> DualModel:
@@ -800,12 +808,12 @@ def central_difference(model, batch, seeds, eps=1e-3, dist="rademacher", group=N
                     off = dm.layout.offset(p)
                     if layout.is_trainable(p):
                         p.copy_(p0 + sign * eps * v[off:off + p.numel()].view_as(p).to(p.dtype))
-                losses.append(float(dm.loss(batch)))
+                losses.append(float(dm.loss(batch, varying=layout)))
             est[k] = (losses[0] - losses[1]) / (2 * eps)
     finally:
         for (_, p), p0 in zip(dm.layout.params, saved):
             p.copy_(p0)
-    return dm.loss(batch), est
+    return dm.loss(batch, varying=layout), est
 
 
 def explicit_run(dm: DualModel, batch, tangents: dict, K: int):

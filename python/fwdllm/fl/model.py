@@ -101,10 +101,18 @@ def build_model(cfg: dict, num_labels: int):
     if p["kind"] == "lora":
         from peft import LoraConfig, get_peft_model
         targets = p["targets"]
+        # module-name suffixes, restricted to the chosen layers; a target naming a module outside
+        # the layer stack (e.g. BERT's "pooler.dense") applies wherever it is
+        import re
+        names = [n for n, _ in model.named_modules()]
+        in_layers = re.compile(r".*\.(?:layer|layers)\.(%s)\..*" % "|".join(str(i) for i in layers))
+        chosen = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)
+                  and (in_layers.fullmatch(n) or not re.fullmatch(r".*\.(?:layer|layers)\.\d+\..*", n))]
+        if not chosen:
+            raise ModelError(f"peft.targets {targets} match no module in layers {layers} of {cfg['model']['name']}")
         try:
-            model = get_peft_model(model, LoraConfig(r=p["r"], lora_alpha=p["alpha"], target_modules=targets,
-                                                     layers_to_transform=layers, lora_dropout=0.0,
-                                                     task_type="SEQ_CLS"))
+            model = get_peft_model(model, LoraConfig(r=p["r"], lora_alpha=p["alpha"], target_modules=chosen,
+                                                     lora_dropout=0.0, task_type="SEQ_CLS"))
         except ValueError as e:
             raise ModelError(f"peft.targets {targets} on {cfg['model']['name']}: {str(e).splitlines()[0]}") from None
         for n, q in model.named_parameters():

@@ -21,14 +21,14 @@ SECTION = "## Federated training: which ingredients matter (issue 4)"
 VARIANTS = [
     ("default", [], "the make-run recipe"),
     ("head-only", ["peft.kind=\"head\""], "train the classifier head alone (no encoder LoRA)"),
-    ("one-group", ["fl.separate_head=false", "fl.K=256"],
-     "one set of directions over head + encoder (no perturbation groups)"),
+    ("one-group", ["fl.separate_head=false", "fl.K=384"],
+     "one set of 384 directions over head + encoder (no perturbation groups)"),
     ("same-lr", ["optimizer.groups=[]"], "one learning rate for head and encoder (no per-group step)"),
     ("small-K", ["fl.K=32", "fl.K_head=64"], "K = 32 encoder / 64 head directions per client"),
-    ("all-layers", ["peft.layers=[]"], "LoRA on every layer's query (tangents through all 6 layers)"),
+    ("alpha-0.5", ["data.alpha=0.5"], "stronger label skew: Dirichlet alpha = 0.5"),
     ("sgd", ["optimizer.kind=\"sgd\"", "optimizer.lr=0.5"], "SGD (linear decay) instead of Adam"),
-    ("pacing", ["pacing.enabled=true"], "variance-controlled pacing on"),
-    ("sampling", ["sampling.enabled=true"], "discriminative perturbation sampling on"),
+    ("pacing", ["pacing.enabled=true"], "variance-controlled pacing on (threshold 20, up to 4 more requests)"),
+    ("sampling", ["sampling.enabled=true"], "discriminative perturbation sampling on (10 candidates per kept seed)"),
 ]
 
 

@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -62,12 +63,9 @@ def main(argv=None):
         cmd = [sys.executable, "-m", "fwdllm", "train", "--method", m, "--out", a.out, "--name", m, "--set",
                "progress=false"] + sum([["--set", o] for o in a.overrides], []) + extra
         print("running:", " ".join(cmd), flush=True)
-        procs.append(subprocess.Popen(cmd))
-        while len([p for p in procs if p.poll() is None]) >= a.jobs:
-            procs[0].wait() if procs[0].poll() is None else None
-            procs = [p for p in procs if p.poll() is None] + [p for p in procs if p.poll() is not None and p.returncode]
-            if any(p.poll() is not None and p.returncode for p in procs):
-                sys.exit("a run failed")
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        while sum(p.poll() is None for p in procs) >= a.jobs:
+            time.sleep(2)
     for p in procs:
         if p.wait() != 0:
             sys.exit(f"a run failed: {p.args}")

@@ -25,9 +25,9 @@ class ConfigError(ValueError):
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "method": "fwdllm",            # fwdllm (forward gradients, seeds) | mezo (central differences, seeds) | fedavg-bp
-    "rounds": 150,
-    "eval_every": 25,              # evaluate on the eval subset every N rounds (and after the last)
-    "checkpoint_every": 25,        # write a checkpoint every N rounds (0: never)
+    "rounds": 300,
+    "eval_every": 50,              # evaluate on the eval subset every N rounds (and after the last)
+    "checkpoint_every": 50,        # write a checkpoint every N rounds (0: never)
     "out_dir": "runs",             # the run directory is out_dir/name
     "name": "",                    # default: the method name
     "threads": 2,                  # torch threads
@@ -50,16 +50,16 @@ DEFAULTS: dict[str, Any] = {
         "text_col": "text",
         "label_col": "label",
         "test_size": 2000,
-        "eval_size": 1000,         # periodic evaluation on the first N test examples (0: all); the last round uses all
+        "eval_size": 500,          # periodic evaluation on the first N test examples (0: all); the last round uses all
         "clients": 100,
-        "alpha": 0.5,              # Dirichlet label skew
+        "alpha": 1.0,              # Dirichlet label skew (a client's majority class is 75% of its data on average; 0.5: 87%)
         "iid": False,
-        "batch_size": 16,
+        "batch_size": 8,
     },
     "fl": {
-        "clients_per_round": 4,
-        "K": 256,                  # perturbations of the encoder group per client per request
-        "K_head": 512,             # perturbations of the head group (its own directions; 0: K)
+        "clients_per_round": 10,
+        "K": 128,                  # perturbations of the encoder group per client per request
+        "K_head": 256,             # perturbations of the head group (its own directions; 0: K)
         "separate_head": True,     # false: one group, every direction spans the head and the encoder
         "dist": "rademacher",
         "history": 50,             # rounds of updates the server keeps for clients catching up by replay

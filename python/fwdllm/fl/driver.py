@@ -162,8 +162,12 @@ class Run:
 
     def _fedavg_job(self, client: Client, rs: M.RoundStart) -> bytes:
         cfg = self.cfg
-        params = [p for _, p in self.dm.layout.params]
-        opt = torch.optim.Adam(params, lr=cfg["fedavg"]["lr"])
+        # the same per-group step scales as the forward-gradient methods (optimizer.groups)
+        groups = {}
+        for _, p in self.dm.layout.params:
+            off = self.dm.layout.offset(p)
+            groups.setdefault(float(self.lr_scale[off]), []).append(p)
+        opt = torch.optim.Adam([{"params": ps, "lr": cfg["fedavg"]["lr"] * sc} for sc, ps in groups.items()])
         losses = []
         with torch.enable_grad():
             for step in range(cfg["fedavg"]["local_steps"]):

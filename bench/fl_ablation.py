@@ -21,8 +21,8 @@ SECTION = "## Federated training: which ingredients matter (issue 4)"
 VARIANTS = [
     ("default", [], "the make-run recipe"),
     ("head-only", ["peft.kind=\"head\""], "train the classifier head alone (no encoder LoRA)"),
-    ("one-group", ["fl.separate_head=false", "fl.K=384"],
-     "one set of 384 directions over head + encoder (no perturbation groups)"),
+    ("one-group", ["fl.separate_head=false"],
+     "one set of 128 directions per client over head + encoder (no perturbation groups, no head directions of its own)"),
     ("same-lr", ["optimizer.groups=[]"], "one learning rate for head and encoder (no per-group step)"),
     ("small-K", ["fl.K=32", "fl.K_head=64"], "K = 32 encoder / 64 head directions per client"),
     ("alpha-0.5", ["data.alpha=0.5"], "stronger label skew: Dirichlet alpha = 0.5"),

@@ -33,7 +33,7 @@ from .. import dual as fdual
 from . import data as fdata
 from . import messages as M
 from .config import ConfigError, load_config, to_toml
-from .model import build_model, flat_params, head_pattern, load_flat, save_trainable
+from .model import build_model, flat_params, load_flat, perturbation_groups, save_trainable
 from .optim import FlatOptimizer
 from .protocol import Client, Group, Server
 
@@ -89,26 +89,9 @@ class Run:
 
     # -- setup
     def _groups(self):
-        """Perturbation groups: the encoder's trainables (fl.K directions) and the head (fl.K_head
-        directions of its own: its gradient dwarfs the encoder's and would drown it in noise)."""
-        cfg = self.cfg
-        layout = self.dm.layout
-        K = cfg["fl"]["K"]
-        hp = head_pattern(self.model)
-        specs = []
-        head_names = [n for n, _ in layout.params if fnmatch.fnmatchcase(n, hp)]
-        rest_names = [n for n, _ in layout.params if n not in head_names]
-        if not cfg["fl"]["separate_head"] or not head_names or not rest_names:
-            specs.append(("all", "*", K if rest_names else (cfg["fl"]["K_head"] or K)))
-        else:
-            specs.append(("encoder", "!" + hp, K))
-            specs.append(("head", hp, cfg["fl"]["K_head"] or K))
-        groups, layouts = [], []
-        for name, pat, k in specs:
-            sub = layout.subset(pat) if pat != "*" else layout
-            groups.append(Group(name, k, sub.mask()))
-            layouts.append(sub)
-        return groups, layouts
+        f = self.cfg["fl"]
+        specs = perturbation_groups(self.model, self.dm, f["K"], f["K_head"], f["separate_head"])
+        return [Group(n, k, lay.mask()) for n, lay, k in specs], [lay for _, lay, _ in specs]
 
     def _optimizer(self):
         o = self.cfg["optimizer"]

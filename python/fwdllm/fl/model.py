@@ -23,7 +23,8 @@ import torch
 from ..adapters import add_adapters
 from ..dual import DualModel, patch
 
-__all__ = ["ModelError", "build_model", "flat_params", "load_flat", "save_trainable", "head_pattern", "model_path"]
+__all__ = ["ModelError", "build_model", "flat_params", "load_flat", "save_trainable", "head_pattern", "model_path",
+           "perturbation_groups"]
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -142,6 +143,18 @@ def build_model(cfg: dict, num_labels: int):
     if not any(q.requires_grad for q in model.parameters()):
         raise ModelError(f"peft.kind={p['kind']!r} with train_head=false leaves nothing to train")
     return model, tok, patch(model)
+
+
+def perturbation_groups(model, dm: DualModel, K: int, K_head: int, separate_head: bool = True):
+    """[(name, layout, K)]: the encoder's trainables (K directions) and the head (K_head directions of
+    its own: its gradient dwarfs the encoder's and would drown it in noise), or one group "all"."""
+    import fnmatch
+    hp = head_pattern(model)
+    names = [n for n, _ in dm.layout.params]
+    head = [n for n in names if fnmatch.fnmatchcase(n, hp)]
+    if not separate_head or not head or len(head) == len(names):
+        return [("all", dm.layout, K if len(head) < len(names) else (K_head or K))]
+    return [("encoder", dm.layout.subset("!" + hp), K), ("head", dm.layout.subset(hp), K_head or K)]
 
 
 def flat_params(dm: DualModel) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 from .. import dual as fdual
 from . import data as fdata
-from .model import build_model, head_pattern
+from .model import build_model, perturbation_groups
 
 __all__ = ["profile", "format_profile"]
 
@@ -52,15 +52,8 @@ def profile(cfg: dict, kinds=KINDS, batches: int = 3, K: int | None = None, ds=N
         c = copy.deepcopy(cfg)
         c["peft"]["kind"] = kind
         model, tok, dm = build_model(c, ds.num_classes)
-        hp = head_pattern(model)
-        names = [n for n, _ in dm.layout.params]
-        import fnmatch
-        head_names = [n for n in names if fnmatch.fnmatchcase(n, hp)]
-        groups = []
-        if len(head_names) < len(names):
-            groups.append(("encoder", dm.layout.subset("!" + hp) if head_names else dm.layout, K))
-        if head_names:
-            groups.append(("head", dm.layout.subset(hp), K_head))
+        groups = [g for g in perturbation_groups(model, dm, K, K_head, True)]
+        groups = [("encoder" if n == "all" else n, lay, k) for n, lay, k in groups]
         it = iter(fdata.batches(ds, tok, d["batch_size"], max_length=c["model"]["max_length"], seed=cfg["seed"]))
         cos = {g[0]: [] for g in groups}
         ratio, times = [], []

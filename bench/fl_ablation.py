@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fl_compare import cpu_name, write_section  # noqa: E402
+from fl_compare import cpu_name, run_all, write_section  # noqa: E402
 
 SECTION = "## Federated training: which ingredients matter (issue 4)"
 
@@ -41,7 +40,7 @@ def main(argv=None):
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     a = ap.parse_args(argv)
     variants = [v for v in VARIANTS if not a.only or v[0] in a.only.split(",")]
-    procs = []
+    cmds = []
     for name, over, _ in variants:
         rd = os.path.join(a.out, name)
         if not a.fresh and os.path.exists(os.path.join(rd, "summary.json")):
@@ -49,14 +48,8 @@ def main(argv=None):
         cmd = [sys.executable, "-m", "fwdllm", "train", "--out", a.out, "--name", name, "--set", "progress=false"]
         for o in list(a.overrides) + over:
             cmd += ["--set", o]
-        print("running:", " ".join(cmd), flush=True)
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-        while sum(p.poll() is None for p in procs) >= a.jobs:
-            import time
-            time.sleep(2)
-    for p in procs:
-        if p.wait() != 0:
-            sys.exit(f"a run failed: {p.args}")
+        cmds.append(cmd)
+    run_all(cmds, a.jobs)
     rows = []
     for name, over, what in VARIANTS:
         rd = os.path.join(a.out, name)

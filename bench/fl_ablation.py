@@ -53,26 +53,33 @@ def main(argv=None):
     rows = []
     for name, over, what in VARIANTS:
         rd = os.path.join(a.out, name)
-        if not os.path.exists(os.path.join(rd, "summary.json")):
+        if not os.path.exists(os.path.join(rd, "metrics.jsonl")):
             continue
-        s = json.load(open(os.path.join(rd, "summary.json")))
         ms = [json.loads(l) for l in open(os.path.join(rd, "metrics.jsonl"))]
-        best = max((r["accuracy"] for r in ms if r["accuracy"] is not None), default=float("nan"))
-        rows.append((name, what, s, best, sum(r["perturbations"] for r in ms) / len(ms)))
+        s = json.load(open(os.path.join(rd, "summary.json"))) if os.path.exists(os.path.join(rd, "summary.json")) else None
+        at = {r["round"]: r["accuracy"] for r in ms if r["accuracy"] is not None}
+        rows.append((name, what, s, at, sum(r["perturbations"] for r in ms) / len(ms),
+                     sum(r["round_compute_s"] for r in ms) / len(ms), len(ms)))
     import tomllib
     c = tomllib.loads(open(os.path.join(a.out, rows[0][0], "config.toml")).read())
+    marks = [r for r in range(c["eval_every"], c["rounds"], c["eval_every"])][:4]
+    maj = next(r[2]["majority_accuracy"] for r in rows if r[2])
     lines = [SECTION, "",
-             f"Machine: {cpu_name()}, {c['threads']} thread(s) per run, runs side by side. Command: `python bench/fl_ablation.py "
-             f"--out {a.out}{''.join(' --set ' + o for o in a.overrides)}`. Every variant changes one thing of the "
-             f"default config (`python/fwdllm/fl/config.py`) and runs {c['rounds']} rounds with "
-             f"{c['fl']['clients_per_round']} of {c['data']['clients']} non-IID clients (Dirichlet alpha = "
-             f"{c['data']['alpha']}). Final accuracy on the 2,000-sentence test split (majority class "
-             f"{rows[0][2]['majority_accuracy']:.3f}).", "",
-             "| variant | what changes | final accuracy | vs majority | trainable | perturbations / round | client compute s |",
-             "|---|---|---|---|---|---|---|"]
-    for name, what, s, best, pert in rows:
-        lines.append(f"| {name} | {what} | {s['final_accuracy']:.4f} | {100 * (s['final_accuracy'] - s['majority_accuracy']):+.1f} pts | "
-                     f"{s['trainable_parameters']:,} | {pert:,.0f} | {s['client_compute_s']:.0f} |")
+             f"Machine: {cpu_name()}, {c['threads']} thread(s) per run, 2-4 runs sharing the 2 cores. Command: "
+             f"`python bench/fl_ablation.py --out {a.out} --jobs 2{''.join(' --set ' + o for o in a.overrides)}`. "
+             f"Every variant changes one thing of the default config (`python/fwdllm/fl/config.py`) and runs "
+             f"{c['rounds']} rounds with {c['fl']['clients_per_round']} of {c['data']['clients']} non-IID clients "
+             f"(Dirichlet alpha = {c['data']['alpha']}). Final: accuracy on the 2,000-sentence test split after the "
+             f"last round (majority class {maj:.3f}); round N: on the first {c['data']['eval_size']} test sentences. "
+             "A variant without a final figure was stopped early (the row says after how many rounds).", "",
+             "| variant | what changes | " + " | ".join(f"round {m}" for m in marks) +
+             " | final | vs majority | perturbations / round | client s / round |",
+             "|---|---|" + "---|" * len(marks) + "---|---|---|---|"]
+    for name, what, s, at, pert, sec, n in rows:
+        fin = f"{s['final_accuracy']:.4f}" if s else f"(stopped at round {n})"
+        vs = f"{100 * (s['final_accuracy'] - s['majority_accuracy']):+.1f} pts" if s else ""
+        lines.append(f"| {name} | {what} | " + " | ".join(f"{at[m]:.3f}" if m in at else "" for m in marks) +
+                     f" | {fin} | {vs} | {pert:,.0f} | {sec:.2f} |")
     write_section("\n".join(lines), heading=SECTION)
     print("\n".join(lines))
 

@@ -83,8 +83,8 @@ DEFAULTS: dict[str, Any] = {
         "momentum": 0.0,           # sgd
         "betas": [0.9, 0.999],     # adam
         "eps": 1e-8,
-        "groups": [                # per-parameter-group step scales (fnmatch on parameter names)
-            {"pattern": "*classifier*", "lr_scale": 10.0},
+        "groups": [                # per-parameter-group step scales (fnmatch on parameter names; "head": the head)
+            {"pattern": "head", "lr_scale": 10.0},
         ],
     },
     "mezo": {"eps": 1e-3},

@@ -33,7 +33,7 @@ from .. import dual as fdual
 from . import data as fdata
 from . import messages as M
 from .config import ConfigError, load_config, to_toml
-from .model import build_model, flat_params, load_flat, perturbation_groups, save_trainable
+from .model import build_model, flat_params, head_pattern, load_flat, perturbation_groups, save_trainable
 from .optim import FlatOptimizer
 from .protocol import Client, Group, Server
 
@@ -72,10 +72,14 @@ class Run:
         self.groups, self.layouts = self._groups()
         self.lr_scale = torch.ones(self.numel)
         for grp in cfg["optimizer"]["groups"]:
-            for n, p in self.dm.layout.params:
-                if fnmatch.fnmatchcase(n, grp["pattern"]):
-                    off = self.dm.layout.offset(p)
-                    self.lr_scale[off:off + p.numel()] = float(grp["lr_scale"])
+            # "head": the classification head of any architecture (BERT's classifier, LLaMA's score)
+            pat = head_pattern(self.model) if grp["pattern"] == "head" else grp["pattern"]
+            hit = [(n, p) for n, p in self.dm.layout.params if fnmatch.fnmatchcase(n, pat)]
+            if not hit:
+                log.warning("optimizer group pattern %r matches no trainable parameter", grp["pattern"])
+            for n, p in hit:
+                off = self.dm.layout.offset(p)
+                self.lr_scale[off:off + p.numel()] = float(grp["lr_scale"])
         theta0 = flat_params(self.dm)
         cand = cfg["sampling"]["candidates"] if cfg["sampling"]["enabled"] else 1
         self.candidates = cand

@@ -24,7 +24,6 @@ again costs only the layers from the first trainable one up.
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +90,6 @@ class TrainableLayout:
         sub.params = keep
         sub.offsets = {id(p): self.offsets[id(p)] for _, p in keep}
         sub.numel = self.numel
-        sub.parent = self
         return sub
 
     def mask(self) -> torch.Tensor | None:
@@ -650,7 +648,7 @@ class DualModel:
         else:
             x, xd = arch.embed(batch, T)
             first_frozen = 0
-        if first_frozen < start or hit is None:
+        if hit != start:  # layers between the cached depth (or the embeddings) and start
             for i in range(first_frozen, start):  # frozen layers: plain inference, no tangent
                 x, xd = arch.layer(i, x, None, masks, T, batch)
             if key is not None:
@@ -792,8 +790,9 @@ def reconstruct_gradient(model, seeds, jvps, dist="rademacher", accumulate=False
 @torch.no_grad()
 def central_difference(model, batch, seeds, eps=1e-3, dist="rademacher", group=None):
     """The published FwdLLM / MeZO estimator on the same seeds: (L(θ+εv) − L(θ−εv)) / 2ε per seed
-    (v restricted to ``group`` when given), two plain forwards each, perturbing the trainable parameters in place from the seed and restoring
-    them exactly afterwards (from a copy). Returns (loss at θ, estimates (K,))."""
+    (v restricted to ``group`` when given), two plain forwards each, perturbing the trainable
+    parameters in place from the seed and restoring them exactly afterwards (from a copy). The layers
+    below the perturbed ones come from the prefix cache. Returns (loss at θ, estimates (K,))."""
     dm = model if isinstance(model, DualModel) else patch(model)
     layout = _group_layout(dm, group)
     s = _as_seeds(seeds)

@@ -86,6 +86,7 @@ class Run:
         self.server = Server(theta0, self.groups, self._optimizer(), cfg["seed"], cfg["fl"]["dist"],
                              history=cfg["fl"]["history"], candidates=cand, sync=cfg["fl"]["sync"])
         self.clients = [Client(c, idx, self._optimizer()) for c, idx in enumerate(self.client_indices)]
+        self.versions: dict = {c.cid: None for c in self.clients}  # what the server believes each client holds
         self.round = 0
         self.compute_s = 0.0
         self.wall_s = 0.0
@@ -132,10 +133,10 @@ class Run:
     def _client_job(self, client: Client, rs: M.RoundStart) -> bytes:
         cfg = self.cfg
         load_flat(self.dm, client.theta)
-        batch = self.client_batch(client.cid, rs.round)
         method = cfg["method"]
         if method == "fedavg-bp":
             return self._fedavg_job(client, rs)
+        batch = self.client_batch(client.cid, rs.round)
         seeds = client.choose_seeds(rs, self.groups, self.candidates, cfg["fl"]["dist"])
         jvps, loss = [], None
         for s, layout in zip(seeds, self.layouts):
@@ -204,7 +205,7 @@ class Run:
         requests = 0
         pace = cfg["pacing"]
         pending = [(c, 0) for c in active]
-        versions = self.client_versions()
+        versions = dict(self.versions)
         aggs = None
         while True:
             jobs = []
@@ -235,7 +236,7 @@ class Run:
                 pending = [(c, 0) for c in add]
             else:
                 pending = [(c, requests) for c in active]
-        self._versions = versions
+        self.versions = versions
         uploads = srv.uploads()
         if cfg["method"] == "fedavg-bp":
             srv.step_dense()
@@ -257,19 +258,13 @@ class Run:
                 "round_compute_s": compute, "lr": srv.opt.lr_at(srv.version - 1),
                 "_wall": time.perf_counter() - t0}
 
-    def client_versions(self) -> dict:
-        """The model version the server believes each client holds (None: never synced)."""
-        if getattr(self, "_versions", None) is None:
-            self._versions = {c.cid: c.version for c in self.clients}
-        return dict(self._versions)
-
     # -- checkpoints
     def checkpoint_path(self) -> str:
         return os.path.join(self.run_dir, "checkpoint.pt")
 
     def save_checkpoint(self) -> None:
         st = {"round": self.round, "server": self.server.state_dict(),
-              "clients": [c.state_dict() for c in self.clients], "versions": self.client_versions(),
+              "clients": [c.state_dict() for c in self.clients], "versions": dict(self.versions),
               "compute_s": self.compute_s,
               "wall_s": self.wall_s, "n_metrics": len(self.metrics), "config": to_toml(self.cfg)}
         buf = io.BytesIO()
@@ -285,7 +280,7 @@ class Run:
         self.server.load_state_dict(st["server"])
         for c, cs in zip(self.clients, st["clients"]):
             c.load_state_dict(cs)
-        self._versions = {int(k): v for k, v in st.get("versions", {}).items()} or None
+        self.versions = {int(k): v for k, v in st["versions"].items()}
         self.compute_s, self.wall_s = float(st["compute_s"]), float(st["wall_s"])
         self.metrics = _read_metrics(os.path.join(self.run_dir, "metrics.jsonl"))[:int(st["n_metrics"])]
 

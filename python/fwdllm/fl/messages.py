@@ -39,7 +39,6 @@ MAGIC = b"FWDL"
 FORMAT_VERSION = 1
 _HEAD = struct.Struct("<4sBB")
 _CRC = struct.Struct("<I")
-HEADER_BYTES = 4 + 1 + 1 + 4  # magic, version, type, crc32
 MAX_ITEMS = 1 << 26  # a sanity bound on any array length (64M items)
 
 

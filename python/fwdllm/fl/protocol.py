@@ -70,8 +70,6 @@ def client_seeds(rseed: int, client: int, group: int, first: int, count: int) ->
 def estimate(seeds, groups_of_seeds, coefficients, groups: list[Group], numel: int, dist: str) -> torch.Tensor:
     """g = sum_j coefficients[j] v(seeds[j]) restricted to group groups_of_seeds[j]: (numel,) float32."""
     seeds, gid, coef = np.asarray(seeds, np.int64), np.asarray(groups_of_seeds), np.asarray(coefficients, np.float64)
-    if len(groups) == 1:
-        return combine(seeds, coef, numel, dist, groups[0].mask)
     g = torch.zeros(numel)
     for k, grp in enumerate(groups):
         sel = gid == k
@@ -156,11 +154,13 @@ class Server:
             replay = [hist[v] for v in range(client_version, self.version)]
             if self.sync == "replay":
                 return replay
-            replay_bytes = sum(M.HEADER_BYTES + 20 + 13 * len(u.seeds) for u in replay)
-            download_bytes = M.HEADER_BYTES + 12 + 4 * (self.theta.numel() + self.opt.state().size)
-            if replay_bytes <= download_bytes:
-                return replay
-        out: list = [M.ParamsDownload(self.version, self.theta.numpy().copy(), self.opt.state())]
+        else:
+            replay = None
+        download = M.ParamsDownload(self.version, self.theta.numpy().copy(), self.opt.state())
+        if self.sync == "auto" and replay is not None and \
+                sum(len(M.encode(u)) for u in replay) <= len(M.encode(download)):
+            return replay
+        out: list = [download]
         if with_last_update and self.version - 1 in hist:
             out.append(hist[self.version - 1])
         return out

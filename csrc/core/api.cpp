@@ -1,4 +1,8 @@
 // The C API: validation, error codes and messages; no exception crosses it.
+//
+// Every failing call returns a specific fwd_status and sets the thread's fwd_last_error() to
+// "<function>: <argument> ... got <value>", naming the first offending argument (see test_errors.cpp).
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -41,6 +45,41 @@ void need(bool ok, fwd_status code, const std::string& msg) {
   if (!ok) throw fwdcore::ArgError(code, msg);
 }
 std::string num(int64_t v) { return std::to_string((long long)v); }
+std::string fnum(float v) {
+  char buf[32];
+  snprintf(buf, sizeof buf, "%g", (double)v);
+  return buf;
+}
+
+void need_positive(int64_t v, const char* name) {
+  need(v > 0, FWD_ERR_SIZE, std::string(name) + " must be positive, got " + num(v));
+}
+void need_nonnegative(int64_t v, const char* name) {
+  need(v >= 0, FWD_ERR_SIZE, std::string(name) + " must be non-negative, got " + num(v));
+}
+void need_ptr(const void* p, const char* name) { need(p != nullptr, FWD_ERR_NULL, std::string(name) + " is NULL"); }
+// A leading dimension must hold a whole row.
+void need_ld(int64_t ld, const char* ld_name, int64_t row, const char* row_name) {
+  need(ld >= row, FWD_ERR_SIZE,
+       std::string(ld_name) + " (" + num(ld) + ") is smaller than its row length " + row_name + " (" + num(row) + ")");
+}
+void need_dist(int dist) {
+  need(dist == FWD_DIST_RADEMACHER || dist == FWD_DIST_NORMAL, FWD_ERR_ARG,
+       "dist must be FWD_DIST_RADEMACHER (0) or FWD_DIST_NORMAL (1), got " + num(dist));
+}
+void need_dtype(int dtype, const char* name) {
+  need(dtype == FWD_F32 || dtype == FWD_BF16, FWD_ERR_ARG,
+       std::string(name) + " must be FWD_F32 (0) or FWD_BF16 (1), got " + num(dtype));
+}
+bool mul_ok(int64_t x, int64_t y) { return x == 0 || y <= INT64_MAX / x; }  // x, y >= 0
+// rows rows of `len` elements `ld` apart (all positive): the last element's index must fit in int64.
+void need_extent(int64_t rows, int64_t ld, int64_t len, const char* name) {
+  need(mul_ok(rows - 1, ld) && (rows - 1) * ld <= INT64_MAX - len, FWD_ERR_SIZE,
+       std::string(name) + ": " + num(rows) + " rows of leading dimension " + num(ld) + " overflow int64");
+}
+void need_product(int64_t x, int64_t y, const char* what) {
+  need(mul_ok(x, y), FWD_ERR_SIZE, std::string(what) + " = " + num(x) + " * " + num(y) + " overflows int64");
+}
 
 // Counters are offset + index as int64: the slice [offset, offset + n) must stay below 2^63.
 void need_range(int64_t offset, int64_t n, const char* what) {
@@ -48,6 +87,12 @@ void need_range(int64_t offset, int64_t n, const char* what) {
        std::string(what) + ": offset " + num(offset) + " + " + num(n) + " elements exceeds the int64 counter range");
 }
 }  // namespace
+
+namespace fwdcore {
+// For entry points defined in other files (internal.h).
+fwd_status guarded_call(const char* fn, const std::function<void()>& f) { return guarded(fn, f); }
+void set_last_error(const std::string& msg) { g_last_error = msg; }
+}  // namespace fwdcore
 
 extern "C" {
 
@@ -57,10 +102,11 @@ const char* fwd_simd(void) { return fwdcore::gemm_simd_name(); }
 
 fwd_status fwd_philox_words(uint64_t seed, int64_t n, int64_t offset, uint32_t* out, int num_threads) {
   return guarded("fwd_philox_words", [&] {
-    need(n > 0, FWD_ERR_SIZE, "n must be positive, got " + num(n));
-    need(offset >= 0, FWD_ERR_SIZE, "offset must be non-negative, got " + num(offset));
-    need(out != nullptr, FWD_ERR_NULL, "out is NULL");
-    need_range(offset, n, "fwd_philox_words");
+    need_positive(n, "n");
+    need_nonnegative(offset, "offset");
+    need_ptr(out, "out");
+    need_product(n, 4, "the output's element count n * 4");
+    need_range(offset, n, "offset + n");
     fwdcore::philox_words(seed, n, offset, out, fwdcore::resolve_threads(num_threads));
   });
 }
@@ -68,14 +114,12 @@ fwd_status fwd_philox_words(uint64_t seed, int64_t n, int64_t offset, uint32_t* 
 fwd_status fwd_perturb(uint64_t seed, int64_t n, int64_t offset, int dist, int out_dtype, void* out,
                        int num_threads) {
   return guarded("fwd_perturb", [&] {
-    need(n > 0, FWD_ERR_SIZE, "n must be positive, got " + num(n));
-    need(offset >= 0, FWD_ERR_SIZE, "offset must be non-negative, got " + num(offset));
-    need(out != nullptr, FWD_ERR_NULL, "out is NULL");
-    need(dist == FWD_DIST_RADEMACHER || dist == FWD_DIST_NORMAL, FWD_ERR_ARG,
-         "dist must be FWD_DIST_RADEMACHER (0) or FWD_DIST_NORMAL (1), got " + num(dist));
-    need(out_dtype == FWD_F32 || out_dtype == FWD_BF16, FWD_ERR_ARG,
-         "out_dtype must be FWD_F32 (0) or FWD_BF16 (1), got " + num(out_dtype));
-    need_range(offset, n, "fwd_perturb");
+    need_positive(n, "n");
+    need_nonnegative(offset, "offset");
+    need_ptr(out, "out");
+    need_dist(dist);
+    need_dtype(out_dtype, "out_dtype");
+    need_range(offset, n, "offset + n");
     fwdcore::perturb(seed, n, offset, dist, out_dtype, out, fwdcore::resolve_threads(num_threads));
   });
 }
@@ -83,13 +127,14 @@ fwd_status fwd_perturb(uint64_t seed, int64_t n, int64_t offset, int dist, int o
 fwd_status fwd_perturb_combine(const uint64_t* seeds, const float* coefs, int64_t n_seeds, int64_t n,
                                int64_t offset, int dist, float* out, int num_threads) {
   return guarded("fwd_perturb_combine", [&] {
-    need(n > 0, FWD_ERR_SIZE, "n must be positive, got " + num(n));
-    need(n_seeds > 0, FWD_ERR_SIZE, "n_seeds must be positive, got " + num(n_seeds));
-    need(offset >= 0, FWD_ERR_SIZE, "offset must be non-negative, got " + num(offset));
-    need(seeds != nullptr && coefs != nullptr && out != nullptr, FWD_ERR_NULL, "seeds, coefs or out is NULL");
-    need(dist == FWD_DIST_RADEMACHER || dist == FWD_DIST_NORMAL, FWD_ERR_ARG,
-         "dist must be FWD_DIST_RADEMACHER (0) or FWD_DIST_NORMAL (1), got " + num(dist));
-    need_range(offset, n, "fwd_perturb_combine");
+    need_positive(n, "n");
+    need_positive(n_seeds, "n_seeds");
+    need_nonnegative(offset, "offset");
+    need_ptr(seeds, "seeds");
+    need_ptr(coefs, "coefs");
+    need_ptr(out, "out");
+    need_dist(dist);
+    need_range(offset, n, "offset + n");
     fwdcore::perturb_combine(seeds, coefs, n_seeds, n, offset, dist, out, fwdcore::resolve_threads(num_threads));
   });
 }
@@ -102,45 +147,90 @@ uint64_t fwd_derive_seed(uint64_t base, const int64_t* ints, int n) {
 
 fwd_status fwd_lora_linear_dual(const fwd_lora_dual_args* args) {
   return guarded("fwd_lora_linear_dual", [&] {
-    need(args != nullptr, FWD_ERR_NULL, "args is NULL");
+    need_ptr(args, "args");
     const fwd_lora_dual_args& a = *args;
-    need(a.M > 0 && a.d_in > 0 && a.d_out > 0, FWD_ERR_SIZE,
-         "M, d_in, d_out must be positive, got " + num(a.M) + ", " + num(a.d_in) + ", " + num(a.d_out));
-    need(a.K > 0, FWD_ERR_SIZE, "K (number of tangents) must be positive, got " + num(a.K));
-    need(a.in_dtype == FWD_F32 || a.in_dtype == FWD_BF16, FWD_ERR_ARG, "in_dtype must be FWD_F32 or FWD_BF16");
-    need(a.out_dtype == FWD_F32 || a.out_dtype == FWD_BF16, FWD_ERR_ARG, "out_dtype must be FWD_F32 or FWD_BF16");
-    need(a.dist == FWD_DIST_RADEMACHER || a.dist == FWD_DIST_NORMAL, FWD_ERR_ARG,
-         "dist must be FWD_DIST_RADEMACHER (0) or FWD_DIST_NORMAL (1), got " + num(a.dist));
-    need(a.x && a.W && a.y && a.y_dot, FWD_ERR_NULL, "x, W, y and y_dot must not be NULL");
-    need(a.ldx >= a.d_in && a.ldw >= a.d_in && a.ldy >= a.d_out && a.ldy_dot >= a.d_out, FWD_ERR_SIZE,
-         "a leading dimension is smaller than its row length");
-    need(!a.x_dot || a.ldx_dot >= a.d_in, FWD_ERR_SIZE, "ldx_dot is smaller than d_in");
-    need((a.A == nullptr) == (a.B == nullptr), FWD_ERR_NULL, "lora_A and lora_B must be given together");
+    need_positive(a.M, "M");
+    need_positive(a.d_in, "d_in");
+    need_positive(a.d_out, "d_out");
+    need_nonnegative(a.K, "K (the number of tangents)");
+    need(a.K < (int64_t)1 << 30, FWD_ERR_SIZE, "K is too large: " + num(a.K));
+    need_dtype(a.in_dtype, "in_dtype");
+    need_dtype(a.out_dtype, "out_dtype");
+    need_dist(a.dist);
+    const bool tangents = a.K > 0;  // K = 0: the primal only
+    need_ptr(a.x, "x");
+    need_ptr(a.W, "W");
+    need_ptr(a.y, "y");
+    if (tangents) {
+      need_ptr(a.y_dot, "y_dot");
+    } else {
+      need(!a.x_dot, FWD_ERR_ARG, "x_dot was given but K = 0");
+      need(!a.A_dot, FWD_ERR_ARG, "A_dot was given but K = 0");
+      need(!a.B_dot, FWD_ERR_ARG, "B_dot was given but K = 0");
+      need(!a.bias_dot, FWD_ERR_ARG, "bias_dot was given but K = 0");
+    }
+    need_ld(a.ldx, "ldx", a.d_in, "d_in");
+    need_ld(a.ldw, "ldw", a.d_in, "d_in");
+    need_ld(a.ldy, "ldy", a.d_out, "d_out");
+    if (tangents) need_ld(a.ldy_dot, "ldy_dot", a.d_out, "d_out");
+    if (a.x_dot) need_ld(a.ldx_dot, "ldx_dot", a.d_in, "d_in");
+    need((a.A == nullptr) == (a.B == nullptr), FWD_ERR_NULL,
+         std::string("lora_A and lora_B must be given together, got ") + (a.A ? "A without B (B is NULL)" : "B without A (A is NULL)"));
     const bool lora = a.A != nullptr;
     if (lora) {
       need(a.r > 0, FWD_ERR_SIZE, "LoRA rank r must be positive, got " + num(a.r));
-      need(a.lda >= a.d_in && a.ldb >= a.r, FWD_ERR_SIZE, "lda < d_in or ldb < r");
-      need(a.A_dot || a.offset_A >= 0, FWD_ERR_SIZE, "offset_A must be non-negative, got " + num(a.offset_A));
-      need(a.B_dot || a.offset_B >= 0, FWD_ERR_SIZE, "offset_B must be non-negative, got " + num(a.offset_B));
-      need(a.r <= INT64_MAX / a.d_in && a.r <= INT64_MAX / a.d_out, FWD_ERR_SIZE, "r * d_in or d_out * r overflows");
-      if (!a.A_dot) need_range(a.offset_A, a.r * a.d_in, "lora_A's perturbation slice");
-      if (!a.B_dot) need_range(a.offset_B, a.d_out * a.r, "lora_B's perturbation slice");
+      need_ld(a.lda, "lda", a.d_in, "d_in");
+      need_ld(a.ldb, "ldb", a.r, "r");
+      need(isfinite(a.scaling), FWD_ERR_ARG, "scaling must be finite, got " + fnum(a.scaling));
+      need_product(a.r, a.d_in, "r * d_in");
+      need_product(a.d_out, a.r, "d_out * r");
     } else {
-      need(!a.A_dot && !a.B_dot, FWD_ERR_ARG, "A_dot/B_dot given without lora_A/lora_B");
+      need(!a.A_dot, FWD_ERR_ARG, "A_dot was given without lora_A/lora_B");
+      need(!a.B_dot, FWD_ERR_ARG, "B_dot was given without lora_A/lora_B");
     }
-    need(a.K < (int64_t)1 << 30, FWD_ERR_SIZE, "K is too large: " + num(a.K));
-    need(!(a.bias == nullptr && (a.bias_dot != nullptr || a.offset_bias >= 0)), FWD_ERR_ARG,
-         "a bias tangent (offset_bias >= 0 or bias_dot) was given but bias is NULL");
-    if (!a.bias_dot && a.offset_bias >= 0) need_range(a.offset_bias, a.d_out, "the bias's perturbation slice");
-    const bool gen = (lora && (!a.A_dot || !a.B_dot)) || (!a.bias_dot && a.offset_bias >= 0);
-    need(!gen || a.seeds != nullptr, FWD_ERR_NULL, "seeds is NULL but a perturbation slice must be generated");
+    need(!(a.bias == nullptr && a.bias_dot != nullptr), FWD_ERR_ARG, "bias_dot was given but bias is NULL");
+    need(!(a.bias == nullptr && a.offset_bias >= 0), FWD_ERR_ARG,
+         "offset_bias (" + num(a.offset_bias) + ") >= 0 makes the bias trainable but bias is NULL");
+    // Every index the kernel forms must fit in int64.
+    need_extent(a.M, a.ldx, a.d_in, "x");
+    need_extent(a.d_out, a.ldw, a.d_in, "W");
+    need_extent(a.M, a.ldy, a.d_out, "y");
+    const int64_t kk = tangents ? a.K : 1;
+    need_product(kk + 1, a.M, "(K + 1) * M");
+    need_product((kk + 1) * a.M, a.d_out, "(K + 1) * M * d_out");
+    if (tangents) need_extent(a.K * a.M, a.ldy_dot, a.d_out, "y_dot");
+    if (a.x_dot) need_extent(a.K * a.M, a.ldx_dot, a.d_in, "x_dot");
+    need_product(kk, a.d_out, "K * d_out");
+    if (lora) {
+      need_extent(a.r, a.lda, a.d_in, "lora_A");
+      need_extent(a.d_out, a.ldb, a.r, "lora_B");
+      need_product((kk + 1) * a.M, 2 * a.r, "(K + 1) * M * 2r");
+      need_product(kk, a.r * a.d_in, "K * r * d_in");
+      need_product(kk, a.d_out * a.r, "K * d_out * r");
+    }
+    if (tangents) {
+      // Perturbation slices generated from the seeds (those without an explicit tangent).
+      const bool gen_A = lora && !a.A_dot, gen_B = lora && !a.B_dot, gen_b = !a.bias_dot && a.offset_bias >= 0;
+      if (gen_A) {
+        need(a.offset_A >= 0, FWD_ERR_SIZE, "offset_A must be non-negative, got " + num(a.offset_A));
+        need_range(a.offset_A, a.r * a.d_in, "offset_A + r * d_in (lora_A's perturbation slice)");
+      }
+      if (gen_B) {
+        need(a.offset_B >= 0, FWD_ERR_SIZE, "offset_B must be non-negative, got " + num(a.offset_B));
+        need_range(a.offset_B, a.d_out * a.r, "offset_B + d_out * r (lora_B's perturbation slice)");
+      }
+      if (gen_b) need_range(a.offset_bias, a.d_out, "offset_bias + d_out (the bias's perturbation slice)");
+      need(!(gen_A || gen_B || gen_b) || a.seeds != nullptr, FWD_ERR_NULL,
+           std::string("seeds is NULL but a perturbation slice must be generated (") +
+               (gen_A ? "lora_A" : gen_B ? "lora_B" : "bias") + " has no explicit tangent)");
+    }
     fwdcore::lora_linear_dual(a);
   });
 }
 
 fwd_status fwd_attention_dual(const fwd_attention_dual_args* args) {
   return guarded("fwd_attention_dual", [&] {
-    need(args != nullptr, FWD_ERR_NULL, "args is NULL");
+    need_ptr(args, "args");
     fwdcore::attention_dual(*args);  // validates (throws ArgError naming the problem), then runs
   });
 }
@@ -148,9 +238,18 @@ fwd_status fwd_attention_dual(const fwd_attention_dual_args* args) {
 fwd_status fwd_sgemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                         float* C, int64_t ldc, int num_threads) {
   return guarded("fwd_sgemm_nt", [&] {
-    need(M > 0 && N > 0 && K > 0, FWD_ERR_SIZE, "M, N, K must be positive");
-    need(A && B && C, FWD_ERR_NULL, "A, B and C must not be NULL");
-    need(lda >= K && ldb >= K && ldc >= N, FWD_ERR_SIZE, "a leading dimension is smaller than its row length");
+    need_positive(M, "M");
+    need_positive(N, "N");
+    need_positive(K, "K");
+    need_ptr(A, "A");
+    need_ptr(B, "B");
+    need_ptr(C, "C");
+    need_ld(lda, "lda", K, "K");
+    need_ld(ldb, "ldb", K, "K");
+    need_ld(ldc, "ldc", N, "N");
+    need_extent(M, lda, K, "A");
+    need_extent(N, ldb, K, "B");
+    need_extent(M, ldc, N, "C");
     fwdcore::sgemm_nt(M, N, K, A, lda, B, ldb, C, ldc, num_threads);
   });
 }

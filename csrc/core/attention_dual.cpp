@@ -11,7 +11,8 @@
 // and l = 0 and gets o = o_dot = 0. Memory per thread is O((K + 1) * BQ * D + BKV * (D + BQ)),
 // independent of L and S.
 //
-// The products are small register-blocked loops written with vector extensions (no GEMM engine):
+// The products are small register-blocked loops written with vector extensions, with explicit NEON
+// versions on aarch64 (FWD_ATTN_NEON, also for the exp of a key block) (no GEMM engine):
 // scores as one query row against the transposed key tile (8 vector accumulators over the 64 keys),
 // value side as 4 query rows x 16 columns against rows of V. A task's result does not depend on the
 // thread count.
@@ -24,6 +25,11 @@
 #include <vector>
 
 #include "internal.h"
+
+#if defined(__ARM_NEON) && defined(__aarch64__) && !defined(__AVX2__)
+#define FWD_ATTN_NEON 1
+#include <arm_neon.h>
+#endif
 
 namespace fwdcore {
 
@@ -75,6 +81,38 @@ inline float exp_nonpos(float x) {
   return x != x ? x : (x < -87.0f ? 0.0f : e);
 }
 
+#if defined(FWD_ATTN_NEON)
+// exp_nonpos on four lanes (GCC does not vectorize the scalar one on aarch64: floorf stays scalar frintm).
+inline float32x4_t exp_nonpos4(float32x4_t x) {
+  const float32x4_t lim = vdupq_n_f32(-87.0f);
+  const uint32x4_t low = vcltq_f32(x, lim), num = vceqq_f32(x, x);
+  const float32x4_t xc = vbslq_f32(low, lim, x);
+  const float32x4_t n = vrndmq_f32(vfmaq_f32(vdupq_n_f32(0.5f), xc, vdupq_n_f32(1.44269504088896341f)));
+  float32x4_t r = vfmsq_f32(xc, n, vdupq_n_f32(0.693359375f));
+  r = vfmaq_f32(r, n, vdupq_n_f32(2.12194440e-4f));
+  float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+  p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+  const float32x4_t y = vaddq_f32(vfmaq_f32(r, vmulq_f32(p, r), r), vdupq_n_f32(1.0f));
+  const int32x4_t e2 = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+  const float32x4_t e = vmulq_f32(y, vreinterpretq_f32_s32(e2));
+  return vbslq_f32(num, vbslq_f32(low, vdupq_n_f32(0.0f), e), x);
+}
+// s[j] = exp_nonpos(s[j] - mu), j < BKV.
+inline void exp_block(float* __restrict s, float mu) {
+  const float32x4_t m = vdupq_n_f32(mu);
+  for (int64_t j = 0; j < BKV; j += 4) vst1q_f32(s + j, exp_nonpos4(vsubq_f32(vld1q_f32(s + j), m)));
+}
+#else
+// s[j] = exp_nonpos(s[j] - mu), j < BKV.
+inline void exp_block(float* __restrict s, float mu) {
+  for (int64_t j = 0; j < BKV; ++j) s[j] = exp_nonpos(s[j] - mu);
+}
+#endif
+
 // Reductions over a key block with 8 independent partial results (vectorizable without -ffast-math).
 inline float block_max(const float* __restrict s) {
   float part[8];
@@ -102,6 +140,84 @@ static inline v8f bcast(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 constexpr int NVK = (int)(BKV / 8);  // vectors per key block
 constexpr int NVC = (int)(CH / 8);   // vectors per column chunk
 
+#if defined(FWD_ATTN_NEON)
+// aarch64: explicit NEON versions of the three micro-kernels below, with the accumulators in q
+// registers (GCC keeps the 32-byte vectors of the generic code partly on the stack). Same FMA sequence
+// per element as the generic code under AVX2+FMA.
+constexpr int NQK = (int)(BKV / 4);  // q registers per key block
+constexpr int NQC = (int)(CH / 4);   // q registers per column chunk
+
+inline void row_dot(const float* __restrict x, const float* __restrict bT, int64_t D, float* __restrict out) {
+  float32x4_t acc[NQK];
+#pragma GCC unroll 16
+  for (int v = 0; v < NQK; ++v) acc[v] = vdupq_n_f32(0.0f);
+  for (int64_t d = 0; d < D; ++d) {
+    const float xs = x[d];
+    const float* __restrict b = bT + d * BKV;
+#pragma GCC unroll 16
+    for (int v = 0; v < NQK; ++v) acc[v] = vfmaq_n_f32(acc[v], vld1q_f32(b + 4 * v), xs);
+  }
+#pragma GCC unroll 16
+  for (int v = 0; v < NQK; ++v) vst1q_f32(out + 4 * v, acc[v]);
+}
+
+inline void row_dot2(const float* __restrict x, const float* __restrict bT, const float* __restrict y,
+                     const float* __restrict cT, int64_t D, float* __restrict out) {
+  float32x4_t acc[NQK];
+#pragma GCC unroll 16
+  for (int v = 0; v < NQK; ++v) acc[v] = vdupq_n_f32(0.0f);
+  for (int64_t d = 0; d < D; ++d) {
+    const float xs = x[d], ys = y[d];
+    const float* __restrict b = bT + d * BKV;
+    const float* __restrict c = cT + d * BKV;
+#pragma GCC unroll 16
+    for (int v = 0; v < NQK; ++v) {
+      acc[v] = vfmaq_n_f32(acc[v], vld1q_f32(b + 4 * v), xs);
+      acc[v] = vfmaq_n_f32(acc[v], vld1q_f32(c + 4 * v), ys);
+    }
+  }
+#pragma GCC unroll 16
+  for (int v = 0; v < NQK; ++v) vst1q_f32(out + 4 * v, acc[v]);
+}
+
+template <int R, bool TWO>
+inline void rows_axpy_t(const float* __restrict alpha, const float* __restrict W, const float* __restrict V,
+                        const float* __restrict P, const float* __restrict U, int64_t n, int64_t Dp,
+                        float* __restrict out) {
+  for (int64_t c0 = 0; c0 < Dp; c0 += CH) {
+    float32x4_t acc[R][NQC];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NQC; ++v) acc[r][v] = vmulq_n_f32(vld1q_f32(out + r * Dp + c0 + 4 * v), alpha[r]);
+    for (int64_t j = 0; j < n; ++j) {
+      float32x4_t vr[NQC];
+#pragma GCC unroll 4
+      for (int v = 0; v < NQC; ++v) vr[v] = vld1q_f32(V + j * Dp + c0 + 4 * v);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const float wr = W[r * BKV + j];
+#pragma GCC unroll 4
+        for (int v = 0; v < NQC; ++v) acc[r][v] = vfmaq_n_f32(acc[r][v], vr[v], wr);
+      }
+      if (TWO) {
+#pragma GCC unroll 4
+        for (int v = 0; v < NQC; ++v) vr[v] = vld1q_f32(U + j * Dp + c0 + 4 * v);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const float pr = P[r * BKV + j];
+#pragma GCC unroll 4
+          for (int v = 0; v < NQC; ++v) acc[r][v] = vfmaq_n_f32(acc[r][v], vr[v], pr);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NQC; ++v) vst1q_f32(out + r * Dp + c0 + 4 * v, acc[r][v]);
+  }
+}
+#else
 // out[j] = sum_d x[d] bT[d * BKV + j], j < BKV: one query row against the transposed key tile.
 inline void row_dot(const float* __restrict x, const float* __restrict bT, int64_t D, float* __restrict out) {
   v8f acc[NVK];
@@ -181,6 +297,7 @@ inline void rows_axpy_t(const float* __restrict alpha, const float* __restrict W
       for (int v = 0; v < NVC; ++v) st8(out + r * Dp + c0 + 8 * v, acc[r][v]);
   }
 }
+#endif
 
 // rows_axpy_t over nr rows (any count), 4 at a time.
 template <bool TWO>
@@ -301,7 +418,7 @@ void run(const fwd_attention_dual_args& a) {
           const float m_old = mrow[i], m_new = std::max(m_old, block_max(s));
           const float mu = m_new == -INFINITY ? 0.0f : m_new;  // every key so far masked: p = 0, not NaN
           const float alpha = exp_nonpos(m_old - mu);
-          for (int64_t j = 0; j < BKV; ++j) s[j] = exp_nonpos(s[j] - mu);
+          exp_block(s, mu);
           lrow[i] = lrow[i] * alpha + block_sum(s);
           mrow[i] = m_new;
           alph[i] = alpha;
@@ -365,31 +482,54 @@ bool mul_ok(int64_t x, int64_t y) { return x == 0 || y <= INT64_MAX / x; }
 }  // namespace
 
 void attention_dual(const fwd_attention_dual_args& a) {
-  need(a.B > 0 && a.H > 0 && a.Hkv > 0 && a.L > 0 && a.S > 0 && a.D > 0, FWD_ERR_SIZE,
-       "B, H, Hkv, L, S, D must be positive, got " + num(a.B) + ", " + num(a.H) + ", " + num(a.Hkv) + ", " +
-           num(a.L) + ", " + num(a.S) + ", " + num(a.D));
+  // Each check names the offending argument and its value (the C API's contract, test_errors.cpp).
+  const struct {
+    int64_t v;
+    const char* name;
+  } dims[] = {{a.B, "B"}, {a.H, "H"}, {a.Hkv, "Hkv"}, {a.L, "L"}, {a.S, "S"}, {a.D, "D"}};
+  for (const auto& d : dims) need(d.v > 0, FWD_ERR_SIZE, std::string(d.name) + " must be positive, got " + num(d.v));
   need(a.K >= 0, FWD_ERR_SIZE, "K (number of tangents) must be non-negative, got " + num(a.K));
   need(a.K < (int64_t)1 << 30, FWD_ERR_SIZE, "K is too large: " + num(a.K));
   need(a.H % a.Hkv == 0, FWD_ERR_SIZE,
        "H (" + num(a.H) + ") must be a multiple of Hkv (" + num(a.Hkv) + ") for grouped-query attention");
   need(a.dtype == FWD_F32 || a.dtype == FWD_BF16, FWD_ERR_ARG,
        "dtype must be FWD_F32 (0) or FWD_BF16 (1), got " + num(a.dtype));
-  need(a.q && a.k && a.v && a.o, FWD_ERR_NULL, "q, k, v and o must not be NULL");
-  if (a.K > 0)
+  const struct {
+    const void* p;
+    const char* name;
+  } ptrs[] = {{a.q, "q"}, {a.k, "k"}, {a.v, "v"}, {a.o, "o"}};
+  for (const auto& p : ptrs) need(p.p != nullptr, FWD_ERR_NULL, std::string(p.name) + " is NULL");
+  if (a.K > 0) {
     need(a.o_dot != nullptr, FWD_ERR_NULL, "o_dot is NULL but K = " + num(a.K));
-  else
-    need(!a.q_dot && !a.k_dot && !a.v_dot, FWD_ERR_ARG, "a tangent (q_dot, k_dot or v_dot) was given but K = 0");
+  } else {
+    need(!a.q_dot, FWD_ERR_ARG, "q_dot was given but K = 0");
+    need(!a.k_dot, FWD_ERR_ARG, "k_dot was given but K = 0");
+    need(!a.v_dot, FWD_ERR_ARG, "v_dot was given but K = 0");
+  }
   if (a.mask)
     for (int d = 0; d < 4; ++d)
       need(a.mask_stride[d] >= 0, FWD_ERR_SIZE,
            "mask_stride[" + std::to_string(d) + "] must be non-negative, got " + num(a.mask_stride[d]));
-  need(isfinite(a.scale), FWD_ERR_ARG, "scale must be finite");
+  need(isfinite(a.scale), FWD_ERR_ARG, "scale must be finite, got " + std::to_string(a.scale));
   // element counts (and the largest mask index) must fit in int64
   const int64_t kk = a.K > 0 ? a.K : 1;
   bool ok = mul_ok(a.B, a.H) && mul_ok(a.B * a.H, a.L) && mul_ok(a.B * a.H * a.L, a.D) &&
             mul_ok(a.B * a.H * a.L * a.D, kk) && mul_ok(a.B, a.Hkv) && mul_ok(a.B * a.Hkv, a.S) &&
             mul_ok(a.B * a.Hkv * a.S, a.D) && mul_ok(a.B * a.Hkv * a.S * a.D, kk);
-  need(ok, FWD_ERR_SIZE, "the tensor sizes overflow int64");
+  need(ok, FWD_ERR_SIZE,
+       "the tensor sizes overflow int64: K, B, H, Hkv, L, S, D = " + num(a.K) + ", " + num(a.B) + ", " + num(a.H) +
+           ", " + num(a.Hkv) + ", " + num(a.L) + ", " + num(a.S) + ", " + num(a.D));
+  if (a.mask) {
+    const int64_t last[4] = {a.B - 1, a.H - 1, a.L - 1, a.S - 1};
+    int64_t idx = 0;
+    for (int d = 0; d < 4 && ok; ++d) {
+      ok = mul_ok(last[d], a.mask_stride[d]) && last[d] * a.mask_stride[d] <= INT64_MAX - idx;
+      if (ok) idx += last[d] * a.mask_stride[d];
+    }
+    need(ok, FWD_ERR_SIZE, "mask_stride: the largest mask index overflows int64 (strides " + num(a.mask_stride[0]) +
+                               ", " + num(a.mask_stride[1]) + ", " + num(a.mask_stride[2]) + ", " +
+                               num(a.mask_stride[3]) + ")");
+  }
   if (a.dtype == FWD_F32)
     run<float>(a);
   else

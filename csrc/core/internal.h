@@ -1,6 +1,7 @@
 // Internal (C++) interface of the core, shared by the C API and the tests.
 #pragma once
 #include <stdint.h>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -19,6 +20,11 @@ struct ArgError : std::runtime_error {
   fwd_status code;
   ArgError(fwd_status c, const std::string& m) : std::runtime_error(m), code(c) {}
 };
+
+// The C API boundary (api.cpp): runs f, turning ArgError / bad_alloc / anything else into a status and
+// the thread's fwd_last_error() message prefixed with fn. Every FWD_API entry point goes through it.
+fwd_status guarded_call(const char* fn, const std::function<void()>& f);
+void set_last_error(const std::string& msg);
 
 static inline void store_f32(float* p, float v) { *p = v; }
 static inline void store_f32(uint16_t* p, float v) { *p = f32_to_bf16(v); }

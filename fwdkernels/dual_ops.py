@@ -41,6 +41,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import _ext
+from .backends import Op, kernel_dtype_reasons
+
 __all__ = [
     "add_dual",
     "causal_lm_loss_dual",
@@ -126,6 +129,40 @@ def _num_tangents(fn, ref, ref_name, specs):
     return K
 
 
+# ---------------------------------------------------------------------------------------------
+# backends: "reference" (the torch composites below, any dtype / device) and "cpp" (csrc/core/dual_ops.cpp
+# through fwdkernels._C: one fused pass per op, float32 / bfloat16 CPU tensors). Only calls that carry
+# tangents dispatch; a primal-only call is the plain torch op.
+
+
+def _cpp_reasons_for(cfn):
+    def reasons(dtype=None, four_d=True, **_):
+        out = kernel_dtype_reasons(dtype)
+        if _ext.C is not None and not hasattr(_ext.C, cfn):
+            out.append(f"the loaded fwdkernels._C has no {cfn} (an older build: rebuild with "
+                       "`pip install --no-build-isolation -e .`)")
+        if not four_d:
+            out.append("takes x of shape (B, H, L, D) only")
+        return out
+    return reasons
+
+
+layer_norm_dual_op = Op("layer_norm_dual")
+rms_norm_dual_op = Op("rms_norm_dual")
+gelu_dual_op = Op("gelu_dual")
+silu_dual_op = Op("silu_dual")
+tanh_dual_op = Op("tanh_dual")
+gated_mlp_act_dual_op = Op("gated_mlp_act_dual")
+rotary_dual_op = Op("rotary_dual")
+cross_entropy_dual_op = Op("cross_entropy_dual")
+DUAL_OPS = (layer_norm_dual_op, rms_norm_dual_op, gelu_dual_op, silu_dual_op, tanh_dual_op, gated_mlp_act_dual_op,
+            rotary_dual_op, cross_entropy_dual_op)
+
+
+def _dispatch(op, t, backend, **inputs):
+    return op.impl(op.choose(t.device, backend, dtype=t.dtype, **inputs))
+
+
 def _lead(t, n):
     """View a parameter tangent (K, *p) as (K, 1 * n, *p) so it broadcasts against (K, *lead, *p)."""
     return t.view(t.shape[0], *([1] * n), *t.shape[1:])
@@ -161,7 +198,7 @@ def _contract(t_dot, G):
 # norms
 
 
-def layer_norm_dual(x, x_dot, weight, bias, eps=1e-5, weight_dot=None, bias_dot=None):
+def layer_norm_dual(x, x_dot, weight, bias, eps=1e-5, weight_dot=None, bias_dot=None, backend=None):
     """Dual of LayerNorm over the last dim (``F.layer_norm(x, (d,), weight, bias, eps)``).
 
         y  = x̂ γ + β,   x̂ = (x − μ) / σ,   σ = sqrt(var(x) + eps)   (biased variance)
@@ -172,10 +209,11 @@ def layer_norm_dual(x, x_dot, weight, bias, eps=1e-5, weight_dot=None, bias_dot=
         weight γ: (d,) or None (no affine scale).  bias β: (d,) or None.
         eps: variance epsilon.
         weight_dot γ̇: (K, d) or None (frozen / absent weight).  bias_dot β̇: (K, d) or None.
+        backend: None (auto: cpp for float32 / bfloat16 CPU tensors, else reference) or a name.
 
     Returns:
-        (y (..., d), y_dot (K, ..., d) or None), in x's dtype. y is exactly F.layer_norm's output; the
-        statistics for the tangent are in float32 for bfloat16 / float16 inputs.
+        (y (..., d), y_dot (K, ..., d) or None), in x's dtype. Without tangents y is F.layer_norm's output;
+        the statistics are in float32 (reference) / double (cpp) for bfloat16 / float16 inputs.
     """
     fn = "layer_norm_dual"
     _check_primal(fn, "x", x)
@@ -188,9 +226,15 @@ def layer_norm_dual(x, x_dot, weight, bias, eps=1e-5, weight_dot=None, bias_dot=
         raise ValueError(f"{fn}: bias_dot given but bias is None (no bias to train)")
     K = _num_tangents(fn, x, "x", (("x_dot", x_dot, x.shape), ("weight_dot", weight_dot, (d,)),
                                    ("bias_dot", bias_dot, (d,))))
-    y = F.layer_norm(x, (d,), weight, bias, eps)
     if K is None:
-        return y, None
+        return F.layer_norm(x, (d,), weight, bias, eps), None
+    return _dispatch(layer_norm_dual_op, x, backend)(x, x_dot, weight, bias, eps, weight_dot, bias_dot, K)
+
+
+@layer_norm_dual_op.register("reference")
+def _layer_norm_ref(x, x_dot, weight, bias, eps, weight_dot, bias_dot, K):
+    d = x.shape[-1]
+    y = F.layer_norm(x, (d,), weight, bias, eps)
     ct, nl = _ct(x.dtype), x.dim() - 1
     xc = x.to(ct)
     var, mu = torch.var_mean(xc, dim=-1, keepdim=True, correction=0)
@@ -215,7 +259,7 @@ def layer_norm_dual(x, x_dot, weight, bias, eps=1e-5, weight_dot=None, bias_dot=
     return y, t.to(x.dtype)
 
 
-def rms_norm_dual(x, x_dot, weight, eps=1e-6, weight_dot=None):
+def rms_norm_dual(x, x_dot, weight, eps=1e-6, weight_dot=None, backend=None):
     """Dual of RMSNorm over the last dim, with HF ``LlamaRMSNorm`` semantics.
 
         h  = x / rms,   rms = sqrt(mean(x²) + eps),   y = γ h
@@ -231,6 +275,7 @@ def rms_norm_dual(x, x_dot, weight, eps=1e-6, weight_dot=None):
         x: (..., d) primal.  x_dot: (K, ..., d) or None.
         weight γ: (d,) or None (no scale).  eps: added to mean(x²).
         weight_dot γ̇: (K, d) or None (frozen / absent weight).
+        backend: None (auto) or a backend name.
 
     Returns:
         (y (..., d), y_dot (K, ..., d) or None), in x's dtype.
@@ -242,6 +287,14 @@ def rms_norm_dual(x, x_dot, weight, eps=1e-6, weight_dot=None):
     if weight_dot is not None and weight is None:
         raise ValueError(f"{fn}: weight_dot given but weight is None (no weight to train)")
     K = _num_tangents(fn, x, "x", (("x_dot", x_dot, x.shape), ("weight_dot", weight_dot, (d,))))
+    if K is None:
+        return _rms_norm_ref(x, None, weight, eps, None, None)
+    return _dispatch(rms_norm_dual_op, x, backend)(x, x_dot, weight, eps, weight_dot, K)
+
+
+@rms_norm_dual_op.register("reference")
+def _rms_norm_ref(x, x_dot, weight, eps, weight_dot, K):
+    d = x.shape[-1]
     ct, nl = _ct(x.dtype), x.dim() - 1
     xc = x.to(ct)
     rinv = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)      # (..., 1)
@@ -291,7 +344,7 @@ def _gelu_grad(xc, approximate):
     return 0.5 * (1.0 + th) + 0.5 * xc * (1.0 - th * th) * c * (1.0 + 3.0 * a * x2)
 
 
-def gelu_dual(x, x_dot, approximate="none", inplace=False):
+def gelu_dual(x, x_dot, approximate="none", inplace=False, backend=None):
     """Dual of ``F.gelu(x, approximate=...)``.
 
         exact ("none"):  y = x Φ(x),   ẏ = (Φ(x) + x φ(x)) ẋ          (Φ, φ: standard normal cdf, pdf)
@@ -301,6 +354,7 @@ def gelu_dual(x, x_dot, approximate="none", inplace=False):
     Args:
         x: (..., d) primal.  x_dot: (K, ..., d) or None.  approximate: "none" or "tanh".
         inplace: write y_dot into x_dot (saves one (K, ..., d) buffer when x_dot is not needed again).
+        backend: None (auto) or a backend name.
 
     Returns:
         (y (..., d), y_dot (K, ..., d) or None), in x's dtype; the coefficient is computed in float32 for
@@ -310,9 +364,14 @@ def gelu_dual(x, x_dot, approximate="none", inplace=False):
     if approximate not in ("none", "tanh"):
         raise ValueError(f"{fn}: approximate must be 'none' or 'tanh', got {approximate!r}")
     K = _elementwise(fn, x, x_dot)
-    y = F.gelu(x, approximate=approximate)
     if K is None:
-        return y, None
+        return F.gelu(x, approximate=approximate), None
+    return _dispatch(gelu_dual_op, x, backend)(x, x_dot, approximate, inplace, K)
+
+
+@gelu_dual_op.register("reference")
+def _gelu_ref(x, x_dot, approximate, inplace, K):
+    y = F.gelu(x, approximate=approximate)
     coef = _gelu_grad(x.to(_ct(x.dtype)), approximate).to(x.dtype)
     return y, (x_dot.mul_(coef) if inplace else x_dot * coef)
 
@@ -322,7 +381,7 @@ def _silu_grad(xc):
     return s * (1.0 + xc * (1.0 - s))
 
 
-def silu_dual(x, x_dot):
+def silu_dual(x, x_dot, backend=None):
     """Dual of ``F.silu(x)`` = x σ(x):  ẏ = σ(x) (1 + x (1 − σ(x))) ẋ.
 
     Args:
@@ -332,13 +391,18 @@ def silu_dual(x, x_dot):
         (y (..., d), y_dot (K, ..., d) or None), in x's dtype.
     """
     K = _elementwise("silu_dual", x, x_dot)
-    y = F.silu(x)
     if K is None:
-        return y, None
+        return F.silu(x), None
+    return _dispatch(silu_dual_op, x, backend)(x, x_dot, K)
+
+
+@silu_dual_op.register("reference")
+def _silu_ref(x, x_dot, K):
+    y = F.silu(x)
     return y, x_dot * _silu_grad(x.to(_ct(x.dtype))).to(x.dtype)
 
 
-def tanh_dual(x, x_dot):
+def tanh_dual(x, x_dot, backend=None):
     """Dual of ``torch.tanh(x)`` (e.g. the BERT pooler):  ẏ = (1 − tanh²(x)) ẋ.
 
     Args:
@@ -348,14 +412,19 @@ def tanh_dual(x, x_dot):
         (y (..., d), y_dot (K, ..., d) or None), in x's dtype.
     """
     K = _elementwise("tanh_dual", x, x_dot)
-    y = torch.tanh(x)
     if K is None:
-        return y, None
+        return torch.tanh(x), None
+    return _dispatch(tanh_dual_op, x, backend)(x, x_dot, K)
+
+
+@tanh_dual_op.register("reference")
+def _tanh_ref(x, x_dot, K):
+    y = torch.tanh(x)
     th = torch.tanh(x.to(_ct(x.dtype)))
     return y, x_dot * (1.0 - th * th).to(x.dtype)
 
 
-def gated_mlp_act_dual(gate, gate_dot, up, up_dot, inplace=False):
+def gated_mlp_act_dual(gate, gate_dot, up, up_dot, inplace=False, backend=None):
     """Dual of the LLaMA MLP activation ``silu(gate) * up`` (product rule).
 
         y = silu(g) u,   ẏ = silu'(g) u ġ + silu(g) u̇,   silu'(g) = σ(g) (1 + g (1 − σ(g)))
@@ -364,6 +433,7 @@ def gated_mlp_act_dual(gate, gate_dot, up, up_dot, inplace=False):
         gate g: (..., f) primal.  gate_dot ġ: (K, ..., f) or None.
         up u: (..., f) primal (same shape as gate).  up_dot u̇: (K, ..., f) or None.
         inplace: write y_dot into gate_dot (when given; saves one (K, ..., f) buffer).
+        backend: None (auto) or a backend name.
 
     Returns:
         (y (..., f), y_dot (K, ..., f) or None), in gate's dtype; y_dot is None only when both tangents are.
@@ -372,10 +442,15 @@ def gated_mlp_act_dual(gate, gate_dot, up, up_dot, inplace=False):
     _check_primal(fn, "gate", gate)
     _check_like(fn, "up", up, gate, "gate", shape=gate.shape)
     K = _num_tangents(fn, gate, "gate", (("gate_dot", gate_dot, gate.shape), ("up_dot", up_dot, up.shape)))
+    if K is None:
+        return F.silu(gate) * up, None
+    return _dispatch(gated_mlp_act_dual_op, gate, backend)(gate, gate_dot, up, up_dot, inplace, K)
+
+
+@gated_mlp_act_dual_op.register("reference")
+def _gated_ref(gate, gate_dot, up, up_dot, inplace, K):
     sg = F.silu(gate)
     y = sg * up
-    if K is None:
-        return y, None
     t = None
     if gate_dot is not None:
         ct = _ct(gate.dtype)
@@ -390,7 +465,7 @@ def gated_mlp_act_dual(gate, gate_dot, up, up_dot, inplace=False):
 # rotary, embedding
 
 
-def rotary_dual(x, x_dot, cos, sin, unsqueeze_dim=1):
+def rotary_dual(x, x_dot, cos, sin, unsqueeze_dim=1, backend=None):
     """Dual of the HF LLaMA rotary embedding ``x * cos + rotate_half(x) * sin``.
 
     rotate_half(x) = cat(−x₂, x₁) over the halves of the last dim. The map is linear in x, so
@@ -404,6 +479,8 @@ def rotary_dual(x, x_dot, cos, sin, unsqueeze_dim=1):
             broadcasts against x, e.g. (L, D) or (B, 1, L, D). Same dtype as x.
         unsqueeze_dim: where to insert the heads dim into (B, L, D) cos / sin (1 for (B, H, L, D) x,
             2 for (B, L, H, D)).
+        backend: None (auto) or a backend name. The cpp kernel reads x / x_dot through their strides (a
+            transposed (B, L, H, D) view needs no copy) and writes dense outputs.
 
     Returns:
         (y (*x.shape), y_dot (K, *x.shape) or None), in x's dtype.
@@ -429,7 +506,14 @@ def rotary_dual(x, x_dot, cos, sin, unsqueeze_dim=1):
         raise ValueError(f"{fn}: cos / sin of shape {tuple(cos.shape)} (after unsqueeze) do not broadcast to "
                          f"x's shape {tuple(x.shape)}")
     K = _num_tangents(fn, x, "x", (("x_dot", x_dot, x.shape),))
-    h = D // 2
+    if K is None:
+        return _rotary_ref(x, None, cos, sin, None)
+    return _dispatch(rotary_dual_op, x, backend, four_d=x.dim() == 4)(x, x_dot, cos, sin, K)
+
+
+@rotary_dual_op.register("reference")
+def _rotary_ref(x, x_dot, cos, sin, K):
+    h = x.shape[-1] // 2
     y = x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
     if K is None:
         return y, None
@@ -576,7 +660,7 @@ def linear_dual(x, x_dot, weight, bias=None, weight_dot=None, bias_dot=None):
 # losses
 
 
-def cross_entropy_dual(logits, logits_dot, labels, ignore_index=-100):
+def cross_entropy_dual(logits, logits_dot, labels, ignore_index=-100, backend=None):
     """Dual of ``F.cross_entropy(logits, labels, ignore_index=ignore_index)`` (mean reduction).
 
     With p = softmax(l) over classes and n the number of non-ignored rows:
@@ -592,6 +676,7 @@ def cross_entropy_dual(logits, logits_dot, labels, ignore_index=-100):
         logits_dot: (K, ..., C) or None.
         labels: (...) int64 class indices in [0, C), or ignore_index.
         ignore_index: label value whose rows are left out of the mean.
+        backend: None (auto: cpp for float32 / bfloat16 CPU tensors with tangents) or a backend name.
 
     Returns:
         (loss (), loss_dot (K,) or None), in logits' dtype (computed in float32 for bfloat16 / float16).
@@ -608,14 +693,23 @@ def cross_entropy_dual(logits, logits_dot, labels, ignore_index=-100):
         raise ValueError(f"{fn}: labels is on {labels.device} but logits is on {logits.device}")
     K = _num_tangents(fn, logits, "logits", (("logits_dot", logits_dot, logits.shape),))
     C = logits.shape[-1]
+    lab = labels.reshape(-1)
+    bad = (lab != ignore_index) & ((lab < 0) | (lab >= C))
+    if bool(bad.any()):
+        raise ValueError(f"{fn}: labels must be in [0, {C}) or ignore_index={ignore_index}; got "
+                         f"{lab[bad][0].item()}")
+    if K is None:
+        return _cross_entropy_ref(logits, None, labels, ignore_index, None)
+    return _dispatch(cross_entropy_dual_op, logits, backend)(logits, logits_dot, labels, ignore_index, K)
+
+
+@cross_entropy_dual_op.register("reference")
+def _cross_entropy_ref(logits, logits_dot, labels, ignore_index, K):
+    C = logits.shape[-1]
     ct = _ct(logits.dtype)
     lg = logits.reshape(-1, C).to(ct)                               # (N, C)
     lab = labels.reshape(-1)
     valid = lab != ignore_index
-    bad = valid & ((lab < 0) | (lab >= C))
-    if bool(bad.any()):
-        raise ValueError(f"{fn}: labels must be in [0, {C}) or ignore_index={ignore_index}; got "
-                         f"{lab[bad][0].item()}")
     n = int(valid.sum().item())
     if n == 0:
         loss = torch.zeros((), dtype=logits.dtype, device=logits.device)
@@ -686,3 +780,134 @@ def mse_loss_dual(pred, pred_dot, target):
     if K is None:
         return loss.to(pred.dtype), None
     return loss.to(pred.dtype), _contract(pred_dot, diff * (2.0 / pred.numel())).to(pred.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# cpp backend: torch.ops.fwdkernels.* custom ops (fake kernels for torch.compile / opcheck) around
+# fwdkernels._C. The in-place variants (gelu_dual / gated_mlp_act_dual with inplace=True) call _C directly in
+# eager mode, writing into the caller's tangent; under torch.compile they take the functional op.
+# The primal output is the plain torch op's (bit-identical to the module the dual op replaces, as the
+# reference backend's); the kernel's own primal, equal to it within rounding, is dropped. It costs one
+# primal-sized pass, small beside the K tangent streams.
+
+_T = torch.Tensor
+_ACT = {"none": 0, "tanh": 1, "silu": 2, "tanh_fn": 3}  # fwd_activation codes (gelu erf, gelu tanh, ...)
+
+
+@torch.library.custom_op("fwdkernels::norm_dual", mutates_args=())
+def _norm_dual_custom(x: _T, x_dot: _T | None, weight: _T | None, bias: _T | None, weight_dot: _T | None,
+                      bias_dot: _T | None, eps: float, K: int, rms: bool) -> tuple[_T, _T]:
+    return _ext.C.norm_dual(x, x_dot, weight, bias, weight_dot, bias_dot, eps, K, rms, False)
+
+
+@_norm_dual_custom.register_fake
+def _(x, x_dot, weight, bias, weight_dot, bias_dot, eps, K, rms):
+    return x.new_empty(x.shape), x.new_empty((K, *x.shape))
+
+
+@torch.library.custom_op("fwdkernels::activation_dual", mutates_args=())
+def _activation_dual_custom(x: _T, x_dot: _T | None, act: int, K: int) -> tuple[_T, _T]:
+    return _ext.C.activation_dual(x, x_dot, act, K, False)
+
+
+@_activation_dual_custom.register_fake
+def _(x, x_dot, act, K):
+    return x.new_empty(x.shape), x.new_empty((K, *x.shape))
+
+
+@torch.library.custom_op("fwdkernels::gated_act_dual", mutates_args=())
+def _gated_act_dual_custom(gate: _T, gate_dot: _T | None, up: _T, up_dot: _T | None, K: int) -> tuple[_T, _T]:
+    return _ext.C.gated_act_dual(gate, gate_dot, up, up_dot, K, False)
+
+
+@_gated_act_dual_custom.register_fake
+def _(gate, gate_dot, up, up_dot, K):
+    return gate.new_empty(gate.shape), gate.new_empty((K, *gate.shape))
+
+
+@torch.library.custom_op("fwdkernels::rotary_dual", mutates_args=())
+def _rotary_dual_custom(x: _T, x_dot: _T | None, cos: _T, sin: _T, K: int) -> tuple[_T, _T]:
+    return _ext.C.rotary_dual(x, x_dot, cos, sin, K)
+
+
+@_rotary_dual_custom.register_fake
+def _(x, x_dot, cos, sin, K):
+    return x.new_empty(x.shape), x.new_empty((K, *x.shape))
+
+
+@torch.library.custom_op("fwdkernels::cross_entropy_dual", mutates_args=())
+def _cross_entropy_dual_custom(logits: _T, logits_dot: _T | None, labels: _T, ignore_index: int,
+                               K: int) -> tuple[_T, _T]:
+    return _ext.C.cross_entropy_dual(logits, logits_dot, labels, ignore_index, K)
+
+
+@_cross_entropy_dual_custom.register_fake
+def _(logits, logits_dot, labels, ignore_index, K):
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty((K,), dtype=torch.float32)
+
+
+def _eager_inplace(inplace, t):
+    return inplace and t is not None and t.is_contiguous() and not torch.compiler.is_compiling()
+
+
+@layer_norm_dual_op.register("cpp", _cpp_reasons_for("norm_dual"))
+def _layer_norm_cpp(x, x_dot, weight, bias, eps, weight_dot, bias_dot, K):
+    d = x.shape[-1]
+    _, yd = _norm_dual_custom(x.reshape(-1, d), None if x_dot is None else x_dot.reshape(K, -1, d), weight, bias,
+                              weight_dot, bias_dot, float(eps), K, False)
+    return F.layer_norm(x, (d,), weight, bias, eps), yd.view(K, *x.shape)
+
+
+@rms_norm_dual_op.register("cpp", _cpp_reasons_for("norm_dual"))
+def _rms_norm_cpp(x, x_dot, weight, eps, weight_dot, K):
+    d = x.shape[-1]
+    _, yd = _norm_dual_custom(x.reshape(-1, d), None if x_dot is None else x_dot.reshape(K, -1, d), weight, None,
+                              weight_dot, None, float(eps), K, True)
+    return _rms_norm_ref(x, None, weight, eps, None, None)[0], yd.view(K, *x.shape)
+
+
+def _activation_cpp(x, x_dot, act, inplace, K):
+    if _eager_inplace(inplace, x_dot):
+        return _ext.C.activation_dual(x, x_dot, act, K, True)[1]
+    return _activation_dual_custom(x, x_dot, act, K)[1]
+
+
+@gelu_dual_op.register("cpp", _cpp_reasons_for("activation_dual"))
+def _gelu_cpp(x, x_dot, approximate, inplace, K):
+    return F.gelu(x, approximate=approximate), _activation_cpp(x, x_dot, _ACT[approximate], inplace, K)
+
+
+@silu_dual_op.register("cpp", _cpp_reasons_for("activation_dual"))
+def _silu_cpp(x, x_dot, K):
+    return F.silu(x), _activation_cpp(x, x_dot, _ACT["silu"], False, K)
+
+
+@tanh_dual_op.register("cpp", _cpp_reasons_for("activation_dual"))
+def _tanh_cpp(x, x_dot, K):
+    return torch.tanh(x), _activation_cpp(x, x_dot, _ACT["tanh_fn"], False, K)
+
+
+@gated_mlp_act_dual_op.register("cpp", _cpp_reasons_for("gated_act_dual"))
+def _gated_cpp(gate, gate_dot, up, up_dot, inplace, K):
+    if _eager_inplace(inplace, gate_dot):
+        yd = _ext.C.gated_act_dual(gate, gate_dot, up, up_dot, K, True)[1]
+    else:
+        yd = _gated_act_dual_custom(gate, gate_dot, up, up_dot, K)[1]
+    return F.silu(gate) * up, yd
+
+
+@rotary_dual_op.register("cpp", _cpp_reasons_for("rotary_dual"))
+def _rotary_cpp(x, x_dot, cos, sin, K):
+    return _rotary_ref(x, None, cos, sin, None)[0], _rotary_dual_custom(x, x_dot, cos, sin, K)[1]
+
+
+@cross_entropy_dual_op.register("cpp", _cpp_reasons_for("cross_entropy_dual"))
+def _cross_entropy_cpp(logits, logits_dot, labels, ignore_index, K):
+    C = logits.shape[-1]
+    lab = labels.reshape(-1)
+    if lab.dtype != torch.int64:
+        lab = lab.to(torch.int64)
+    _, loss_dot = _cross_entropy_dual_custom(logits.reshape(-1, C), logits_dot.reshape(K, -1, C), lab,
+                                             int(ignore_index), K)
+    # the loss as a primal-only call computes it (a call with and without tangents agree exactly)
+    return _cross_entropy_ref(logits, None, labels, ignore_index, None)[0], loss_dot.to(logits.dtype)

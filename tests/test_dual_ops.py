@@ -33,6 +33,17 @@ TOL = {F64: 1e-10, F32: 1e-5, BF16: 2e-2}
 DK = [(1, 3), (7, 8), (33, 1), (33, 3)]
 
 
+# Every test runs twice: with the automatic backend choice (cpp for float32 / bfloat16 CPU tensors when
+# fwdkernels._C is loaded, reference otherwise) and with the reference backend forced.
+@pytest.fixture(autouse=True, params=["auto", "reference"])
+def dual_backend(request, monkeypatch):
+    if request.param == "reference":
+        monkeypatch.setenv("FWDKERNELS_BACKEND", "reference")
+    else:
+        monkeypatch.delenv("FWDKERNELS_BACKEND", raising=False)
+    return request.param
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 
@@ -590,3 +601,99 @@ def test_tangent_shape_and_k_errors():
         fk.rms_norm_dual(x, torch.randn(3, 3, 7), w, weight_dot=torch.randn(2, 7))
     with pytest.raises(TypeError, match="floating point"):
         fk.tanh_dual(torch.ones(3, dtype=torch.long), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cpp backend: chosen for float32 / bfloat16, equal to the reference, in place, strided, opcheck
+
+needs_cpp = pytest.mark.skipif(fk._ext.C is None, reason="fwdkernels._C is not loaded")
+
+
+@needs_cpp
+def test_cpp_backend_choice(dual_backend):
+    if dual_backend != "auto":
+        pytest.skip("checks the automatic choice")
+    for op in dual_ops.DUAL_OPS:
+        assert op.choose("cpu", dtype=F32) == "cpp", op.name
+        assert op.choose("cpu", dtype=BF16) == "cpp", op.name
+        assert op.choose("cpu", dtype=F64) == "reference", op.name
+        with pytest.raises(RuntimeError, match="float32 and bfloat16"):
+            op.choose("cpu", backend="cpp", dtype=F64)
+    x, xd = torch.randn(3, 5, dtype=F64), torch.randn(2, 3, 5, dtype=F64)
+    with pytest.raises(RuntimeError, match="backend='cpp' cannot serve"):
+        fk.silu_dual(x, xd, backend="cpp")
+
+
+def _both(fn, *args, **kw):
+    """(reference result, cpp result) of one dual op call."""
+    return fn(*args, backend="reference", **kw), fn(*args, backend="cpp", **kw)
+
+
+def _close(a, b, dtype):
+    tol = {F32: 2e-6, BF16: 1e-2}[dtype]
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert relerr(b, a) < tol, relerr(b, a)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_cpp_equals_reference_larger_shapes(dtype, dual_backend):
+    if dual_backend != "auto":
+        pytest.skip("backends are forced per call here")
+    g = seeded("cpp-vs-ref", str(dtype))
+    K, R, d = 5, 37, 384  # rows and widths past the kernels' blocking (512-element blocks, 8-row tasks)
+    x, xd = rnd(g, R, d, dtype=dtype, scale=2.0, offset=0.5), rnd(g, K, R, d, dtype=dtype)
+    w, b, wd, bd = rnd(g, d, dtype=dtype), rnd(g, d, dtype=dtype), rnd(g, K, d, dtype=dtype), rnd(g, K, d, dtype=dtype)
+    for (ya, ta), (yb, tb) in (_both(fk.layer_norm_dual, x, xd, w, b, 1e-5, wd, bd),
+                               _both(fk.rms_norm_dual, x, xd, w, 1e-6, wd),
+                               _both(fk.gelu_dual, x, xd), _both(fk.gelu_dual, x, xd, approximate="tanh"),
+                               _both(fk.silu_dual, x, xd), _both(fk.tanh_dual, x, xd),
+                               _both(fk.gated_mlp_act_dual, x, xd, w.expand(R, d), xd)):
+        assert torch.equal(ya, yb)  # the primal is the torch op's on both backends
+        _close(ta, tb, dtype)
+    # rotary on a transposed (B, L, H, D) buffer: the kernel reads it through strides
+    B, L, H, D = 2, 7, 3, 10
+    q, qd = rnd(g, B, L, H, D, dtype=dtype).transpose(1, 2), rnd(g, K, B, L, H, D, dtype=dtype).transpose(2, 3)
+    cos, sin = rope_cos_sin(B, L, D, dtype, g)
+    (ya, ta), (yb, tb) = _both(fk.rotary_dual, q, qd, cos, sin)
+    assert torch.equal(ya, yb) and tb.is_contiguous()
+    _close(ta, tb, dtype)
+    labels = torch.randint(0, d, (R,), generator=g)
+    labels[::4] = -100
+    (la, lda), (lb, ldb) = _both(fk.cross_entropy_dual, x, xd, labels)
+    assert torch.equal(la, lb)
+    _close(lda, ldb, dtype)
+
+
+@needs_cpp
+def test_cpp_inplace_writes_into_the_tangent(dual_backend):
+    if dual_backend != "auto":
+        pytest.skip("cpp only")
+    g = seeded("cpp-inplace")
+    x, xd = rnd(g, 4, 9, dtype=F32), rnd(g, 3, 4, 9, dtype=F32)
+    want = fk.gelu_dual(x, xd.clone())[1]
+    buf = xd.clone()
+    got = fk.gelu_dual(x, buf, inplace=True)[1]
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, want)
+    up, ud = rnd(g, 4, 9, dtype=F32), rnd(g, 3, 4, 9, dtype=F32)
+    want = fk.gated_mlp_act_dual(x, xd.clone(), up, ud)[1]
+    buf = xd.clone()
+    got = fk.gated_mlp_act_dual(x, buf, up, ud, inplace=True)[1]
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, want)
+
+
+@needs_cpp
+def test_cpp_custom_ops_opcheck(dual_backend):
+    if dual_backend != "auto":
+        pytest.skip("cpp only")
+    g = seeded("opcheck")
+    x, xd, w = rnd(g, 3, 8, dtype=F32), rnd(g, 2, 3, 8, dtype=F32), rnd(g, 8, dtype=F32)
+    ops = torch.ops.fwdkernels
+    torch.library.opcheck(ops.norm_dual, (x, xd, w, w, None, None, 1e-5, 2, False))
+    torch.library.opcheck(ops.norm_dual, (x, None, w, None, xd[:, 0], None, 1e-6, 2, True))
+    torch.library.opcheck(ops.activation_dual, (x, xd, 0, 2))
+    torch.library.opcheck(ops.gated_act_dual, (x, xd, x, None, 2))
+    q, qd = rnd(g, 1, 2, 3, 8, dtype=F32), rnd(g, 2, 1, 2, 3, 8, dtype=F32)
+    cs = rnd(g, 1, 1, 3, 8, dtype=F32)
+    torch.library.opcheck(ops.rotary_dual, (q, qd, cs, cs, 2))
+    torch.library.opcheck(ops.cross_entropy_dual, (x, xd, torch.tensor([1, -100, 7]), -100, 2))

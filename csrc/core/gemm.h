@@ -46,9 +46,10 @@ static inline float to_f32(uint16_t bf16_bits) {
 static inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
   union { uint32_t u; float f; } c;
   c.f = f;
-  if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40);
-  c.u += 0x7fffu + ((c.u >> 16) & 1u);
-  return (uint16_t)(c.u >> 16);
+  // branch-free (a select), so that loops storing bfloat16 vectorise
+  const uint32_t rounded = (c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (c.u >> 16) | 0x40u;
+  return (uint16_t)((c.u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
 // Rows r of a strided source (row r at src + r * ld, reduction element p at [p0 + p]).

@@ -183,6 +183,118 @@ std::tuple<at::Tensor, at::Tensor> attention_dual(
   return {o, o_dot};
 }
 
+// ---- small dual ops. Inputs arrive validated by fwdkernels/dual_ops.py (shapes, one dtype, CPU); these
+// wrappers only make buffers dense and call the C API. K = 0: primal only (y_dot is then empty).
+
+at::Tensor dense(const c10::optional<at::Tensor>& t, const char* name) {
+  if (!t) return at::Tensor();
+  check_cpu(*t, name);
+  return t->contiguous();
+}
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// x (R, d); x_dot (K, R, d); weight, bias (d); weight_dot, bias_dot (K, d). inplace: y_dot = x_dot's storage.
+std::tuple<at::Tensor, at::Tensor> norm_dual(const at::Tensor& x, const c10::optional<at::Tensor>& x_dot,
+                                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                             const c10::optional<at::Tensor>& weight_dot,
+                                             const c10::optional<at::Tensor>& bias_dot, double eps, int64_t K, bool rms,
+                                             bool inplace) {
+  TORCH_CHECK(x.dim() == 2, "norm_dual: x must be (rows, d)");
+  check_cpu(x, "x");
+  at::Tensor xs = x.contiguous(), xd = dense(x_dot, "x_dot"), w = dense(weight, "weight"), b = dense(bias, "bias"),
+             wd = dense(weight_dot, "weight_dot"), bd = dense(bias_dot, "bias_dot");
+  fwd_norm_dual_args a;
+  memset(&a, 0, sizeof(a));
+  a.rows = xs.size(0); a.d = xs.size(1); a.K = K; a.dtype = dtype_code(x, "x"); a.eps = (float)eps;
+  a.x = xs.data_ptr(); a.x_dot = ptr_or_null(xd); a.weight = ptr_or_null(w); a.bias = ptr_or_null(b);
+  a.weight_dot = ptr_or_null(wd); a.bias_dot = ptr_or_null(bd);
+  auto y = at::empty_like(xs);
+  const bool reuse = inplace && xd.defined() && x_dot->is_contiguous();
+  auto y_dot = reuse ? *x_dot : at::empty({K, a.rows, a.d}, xs.options());
+  a.y = y.data_ptr(); a.y_dot = K ? y_dot.data_ptr() : nullptr;
+  a.num_threads = at::get_num_threads();
+  check_status(rms ? fwd_rms_norm_dual(&a) : fwd_layer_norm_dual(&a));
+  return {y, y_dot};
+}
+
+// x (n) any shape, x_dot (K, *x.shape); act as fwd_activation.
+std::tuple<at::Tensor, at::Tensor> activation_dual(const at::Tensor& x, const c10::optional<at::Tensor>& x_dot,
+                                                   int64_t act, int64_t K, bool inplace) {
+  check_cpu(x, "x");
+  at::Tensor xs = x.contiguous(), xd = dense(x_dot, "x_dot");
+  auto y = at::empty_like(xs);
+  const bool reuse = inplace && xd.defined() && x_dot->is_contiguous();
+  std::vector<int64_t> shape{K};
+  shape.insert(shape.end(), xs.sizes().begin(), xs.sizes().end());
+  auto y_dot = reuse ? *x_dot : at::empty(shape, xs.options());
+  check_status(fwd_activation_dual((int)act, xs.numel(), K, dtype_code(x, "x"), xs.data_ptr(), ptr_or_null(xd),
+                                   y.data_ptr(), K ? y_dot.data_ptr() : nullptr, at::get_num_threads()));
+  return {y, y_dot};
+}
+
+// silu(gate) * up; inplace: the result goes into gate_dot's storage (when given and dense).
+std::tuple<at::Tensor, at::Tensor> gated_act_dual(const at::Tensor& gate, const c10::optional<at::Tensor>& gate_dot,
+                                                  const at::Tensor& up, const c10::optional<at::Tensor>& up_dot, int64_t K,
+                                                  bool inplace) {
+  check_cpu(gate, "gate");
+  check_cpu(up, "up");
+  at::Tensor gs = gate.contiguous(), us = up.contiguous(), gd = dense(gate_dot, "gate_dot"), ud = dense(up_dot, "up_dot");
+  auto y = at::empty_like(gs);
+  const bool reuse = inplace && gd.defined() && gate_dot->is_contiguous();
+  std::vector<int64_t> shape{K};
+  shape.insert(shape.end(), gs.sizes().begin(), gs.sizes().end());
+  auto y_dot = reuse ? *gate_dot : at::empty(shape, gs.options());
+  check_status(fwd_gated_act_dual(gs.numel(), K, dtype_code(gate, "gate"), gs.data_ptr(), ptr_or_null(gd), us.data_ptr(),
+                                  ptr_or_null(ud), y.data_ptr(), K ? y_dot.data_ptr() : nullptr, at::get_num_threads()));
+  return {y, y_dot};
+}
+
+// x (B, H, L, D) with a dense last dim (any other strides, e.g. a transposed (B, L, H, D) buffer);
+// x_dot (K, B, H, L, D) likewise; cos / sin broadcastable to (B, H, L, D), dense last dim.
+std::tuple<at::Tensor, at::Tensor> rotary_dual(const at::Tensor& x, const c10::optional<at::Tensor>& x_dot,
+                                               const at::Tensor& cos, const at::Tensor& sin, int64_t K) {
+  TORCH_CHECK(x.dim() == 4, "rotary_dual: x must be (B, H, L, D)");
+  check_cpu(x, "x");
+  auto lastdense = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  at::Tensor xs = lastdense(x);
+  at::Tensor xd = x_dot ? lastdense(*x_dot) : at::Tensor();
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3);
+  at::Tensor c = lastdense(cos.expand({B, H, L, D})), s = lastdense(sin.expand({B, H, L, D}));
+  if (c.strides() != s.strides()) { c = c.contiguous(); s = s.contiguous(); }
+  fwd_rotary_dual_args a;
+  memset(&a, 0, sizeof(a));
+  a.B = B; a.H = H; a.L = L; a.D = D; a.K = K; a.dtype = dtype_code(x, "x");
+  a.x = xs.data_ptr();
+  for (int i = 0; i < 3; ++i) { a.x_stride[i] = xs.stride(i); a.cs_stride[i] = c.stride(i); }
+  if (xd.defined()) {
+    a.x_dot = xd.data_ptr();
+    for (int i = 0; i < 4; ++i) a.x_dot_stride[i] = xd.stride(i);
+  }
+  a.cos = c.data_ptr(); a.sin = s.data_ptr();
+  auto y = at::empty({B, H, L, D}, x.options());
+  auto y_dot = at::empty({K, B, H, L, D}, x.options());
+  a.y = y.data_ptr(); a.y_dot = K ? y_dot.data_ptr() : nullptr;
+  a.num_threads = at::get_num_threads();
+  check_status(fwd_rotary_dual(&a));
+  return {y, y_dot};
+}
+
+// logits (N, C), logits_dot (K, N, C), labels (N) int64 -> (loss () float32, loss_dot (K,) float32)
+std::tuple<at::Tensor, at::Tensor> cross_entropy_dual(const at::Tensor& logits, const c10::optional<at::Tensor>& logits_dot,
+                                                      const at::Tensor& labels, int64_t ignore_index, int64_t K) {
+  TORCH_CHECK(logits.dim() == 2, "cross_entropy_dual: logits must be (N, C)");
+  check_cpu(logits, "logits");
+  check_cpu(labels, "labels");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "cross_entropy_dual: labels must be int64");
+  at::Tensor ls = logits.contiguous(), ld = dense(logits_dot, "logits_dot"), lab = labels.contiguous();
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  auto loss = at::empty({}, f32), loss_dot = at::empty({K}, f32);
+  check_status(fwd_cross_entropy_dual(ls.size(0), ls.size(1), K, dtype_code(logits, "logits"), ls.data_ptr(), ptr_or_null(ld),
+                                      lab.data_ptr<int64_t>(), ignore_index, loss.data_ptr<float>(),
+                                      K ? loss_dot.data_ptr<float>() : nullptr, at::get_num_threads()));
+  return {loss, loss_dot};
+}
+
 at::Tensor sgemm_nt(const at::Tensor& A, const at::Tensor& B) {
   TORCH_CHECK(A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat, "sgemm_nt takes float32");
   auto As = rows2d(A, "A"), Bs = rows2d(B, "B");
@@ -206,6 +318,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_linear_dual", &lora_linear_dual);
   m.def("attention_dual", &attention_dual);
   m.def("sgemm_nt", &sgemm_nt);
+  m.def("norm_dual", &norm_dual);
+  m.def("activation_dual", &activation_dual);
+  m.def("gated_act_dual", &gated_act_dual);
+  m.def("rotary_dual", &rotary_dual);
+  m.def("cross_entropy_dual", &cross_entropy_dual);
   m.def("derive_seed", &derive_seed);
   m.def("simd", []() { return std::string(fwd_simd()); });
   m.def("core_version", []() { return std::string(fwd_version()); });

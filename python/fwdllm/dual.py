@@ -255,12 +255,15 @@ def _embedding(emb, ids, T):
     return D.embedding_dual(ids, emb.weight, weight_dot=T.dense(emb.weight))
 
 
-def _heads(x, xd, B, L, H, Dh):
+def _heads(x, xd, B, L, H, Dh, dense=True):
     """(B, L, H*Dh) -> (B, H, L, Dh) and the tangent (K, B, L, H*Dh) -> (K, B, H, L, Dh), contiguous
     (the attention kernels want that layout; copying here lets the (B, L, H*Dh) tangent be freed at
-    once instead of living beside a copy made inside the kernel call)."""
-    y = x.view(B, L, H, Dh).transpose(1, 2).contiguous()
-    yd = None if xd is None else xd.view(xd.shape[0], B, L, H, Dh).transpose(2, 3).contiguous()
+    once instead of living beside a copy made inside the kernel call). dense=False returns the
+    transposed views, for rotary_dual, which reads them through their strides and writes dense output."""
+    y = x.view(B, L, H, Dh).transpose(1, 2)
+    yd = None if xd is None else xd.view(xd.shape[0], B, L, H, Dh).transpose(2, 3)
+    if dense:
+        y, yd = y.contiguous(), (None if yd is None else yd.contiguous())
     return y, yd
 
 
@@ -426,8 +429,8 @@ class _Llama(_Arch):
         q, qd = linear(attn.q_proj, h, hd, T, f"layer {i} q_proj")
         k, kd = linear(attn.k_proj, h, hd, T, f"layer {i} k_proj")
         v, vd = linear(attn.v_proj, h, hd, T, f"layer {i} v_proj")
-        q, qd = _heads(q, qd, B, L, self.H, Dh)
-        k, kd = _heads(k, kd, B, L, self.Hkv, Dh)
+        q, qd = _heads(q, qd, B, L, self.H, Dh, dense=False)
+        k, kd = _heads(k, kd, B, L, self.Hkv, Dh, dense=False)
         v, vd = _heads(v, vd, B, L, self.Hkv, Dh)
         q, qd = D.rotary_dual(q, qd, cos, sin)
         k, kd = D.rotary_dual(k, kd, cos, sin)

@@ -3,7 +3,8 @@
 //
 // The micro-kernel keeps an MR x NR tile of C in registers and streams an MR-interleaved A panel and
 // an NR-interleaved B panel. It is written with GCC/Clang vector extensions, so the same source is
-// AVX2+FMA on x86 (-mavx2 -mfma), NEON on aarch64 and plain scalar code elsewhere.
+// AVX2+FMA on x86 (-mavx2 -mfma) and plain scalar code elsewhere; aarch64 gets an explicit NEON
+// micro-kernel (FWD_GEMM_NEON: fmla by element, the whole tile in registers).
 #include "gemm.h"
 
 #include <stdlib.h>
@@ -11,6 +12,12 @@
 #include <algorithm>
 #include <new>
 #include <stdexcept>
+#include <utility>
+
+#if defined(__ARM_NEON) && defined(__aarch64__) && !defined(__AVX2__)
+#define FWD_GEMM_NEON 1
+#include <arm_neon.h>
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -38,6 +45,83 @@ static inline v8f ld8u(const float* p) { return *(const v8f_u*)p; }
 static inline void st8u(float* p, v8f v) { *(v8f_u*)p = v; }
 static inline v8f bcast(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 
+#if defined(FWD_GEMM_NEON)
+// aarch64: GCC splits the 32-byte vectors of the generic kernel into NEON pairs but keeps the
+// accumulators on the stack (a load and a store around every fmla). This one holds the MR x NR tile in
+// MR * NR / 4 q registers (24 for 6 x 16 and 12 x 8), loads a row of A as ceil(MR / 4) q registers and
+// multiplies by lane (fmla vd.4s, vn.4s, vm.s[l]). Same FMA sequence per element as AVX2+FMA.
+
+// First A row of q register j; the last register is moved back so that it ends at row MR - 1 (no
+// load past the panel): MR = 6 loads rows 0-3 and 2-5.
+template <int MR>
+constexpr int a_base(int j) { return 4 * j + 4 <= MR ? 4 * j : MR - 4; }
+
+template <int I, int MR, int NV>
+static inline void fma_row(float32x4_t (&acc)[NV], const float32x4_t (&bv)[NV], const float32x4_t* av) {
+  constexpr int J = I / 4, LANE = I - a_base<MR>(I / 4);
+  static_assert(LANE >= 0 && LANE < 4, "A lane");
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) acc[v] = vfmaq_laneq_f32(acc[v], bv[v], av[J], LANE);
+}
+
+template <int MR, int NV, int... I>
+static inline void fma_rows(float32x4_t (&acc)[MR][NV], const float32x4_t (&bv)[NV], const float32x4_t* av,
+                            std::integer_sequence<int, I...>) {
+  (fma_row<I, MR, NV>(acc[I], bv, av), ...);
+}
+
+// C tile (mr x nr valid of MR x NR) = (first ? init : C) + A_panel . B_panel.
+template <int MR, int NR>
+static inline void ukernel(int64_t kc, const float* __restrict a, const float* __restrict b, int64_t kc2,
+                           const float* __restrict a2, const float* __restrict b2, float* __restrict c,
+                           int64_t ldc, const float* init, bool first, int mr, int nr) {
+  static_assert(MR >= 4 && NR % 4 == 0, "NEON micro-tile");
+  constexpr int NV = NR / 4, NA = (MR + 3) / 4;
+  float32x4_t acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = vdupq_n_f32(0.0f);
+  for (int part = 0; part < 2; ++part) {
+    const int64_t n = part ? kc2 : kc;
+    const float* __restrict pa = part ? a2 : a;
+    const float* __restrict pb = part ? b2 : b;
+    for (int64_t p = 0; p < n; ++p) {
+      float32x4_t bv[NV], av[NA];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = vld1q_f32(pb + p * NR + 4 * v);
+#pragma GCC unroll 4
+      for (int j = 0; j < NA; ++j) av[j] = vld1q_f32(pa + p * MR + a_base<MR>(j));
+      fma_rows<MR, NV>(acc, bv, av, std::make_integer_sequence<int, MR>{});
+    }
+  }
+  if (mr == MR && nr == NR) {
+    if (first) {
+      float32x4_t iv[NV];
+      for (int v = 0; v < NV; ++v) iv[v] = init ? vld1q_f32(init + 4 * v) : vdupq_n_f32(0.0f);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) vst1q_f32(c + i * ldc + 4 * v, vaddq_f32(acc[i][v], iv[v]));
+    } else {
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v)
+          vst1q_f32(c + i * ldc + 4 * v, vaddq_f32(vld1q_f32(c + i * ldc + 4 * v), acc[i][v]));
+    }
+    return;
+  }
+  alignas(64) float tmp[MR * NR];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) vst1q_f32(tmp + i * NR + 4 * v, acc[i][v]);
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) {
+      const float base = first ? (init ? init[j] : 0.0f) : c[i * ldc + j];
+      c[i * ldc + j] = base + tmp[i * NR + j];
+    }
+}
+#else
 // C tile (mr x nr valid of MR x NR) = (first ? init : C) + A_panel . B_panel.
 template <int MR, int NR>
 static inline void ukernel(int64_t kc, const float* __restrict a, const float* __restrict b, int64_t kc2,
@@ -91,6 +175,7 @@ static inline void ukernel(int64_t kc, const float* __restrict a, const float* _
       c[i * ldc + j] = base + tmp[i * NR + j];
     }
 }
+#endif
 
 static float* alloc_floats(size_t n) {
   size_t bytes = ((n * sizeof(float)) + 63) / 64 * 64;

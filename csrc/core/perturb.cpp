@@ -3,13 +3,17 @@
 
 #if defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#define FWD_PHILOX_NEON 1
+#include <arm_neon.h>
 #endif
 
 namespace fwdcore {
 
 namespace {
-// Eight Philox4x32-10 streams side by side with GCC/Clang vector extensions (AVX2 on x86, NEON on
-// ARM). Only the first two words are kept: rademacher needs word 0, normal words 0 and 1.
+// Eight Philox4x32-10 streams side by side with GCC/Clang vector extensions (AVX2 on x86; explicit
+// NEON intrinsics on aarch64, below). Only the first two words are kept: rademacher needs word 0,
+// normal words 0 and 1.
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint64_t v4q __attribute__((vector_size(32)));
 
@@ -32,6 +36,57 @@ static inline void mulhilo8(v8u a, uint32_t b, v8u& hi, v8u& lo) {
 }
 #endif
 
+#if defined(FWD_PHILOX_NEON)
+// aarch64: two 4-lane NEON halves. The 32x32 -> 64 products are umull / umull2 and the high and low
+// halves are de-interleaved with uzp2 / uzp1; GCC lowers the generic 64-bit vector code above to far
+// more instructions (and keeps the 32-byte vectors partly on the stack).
+static inline void mulhilo4(uint32x4_t a, uint32x4_t b, uint32x4_t& hi, uint32x4_t& lo) {
+  const uint32x4_t p0 = vreinterpretq_u32_u64(vmull_u32(vget_low_u32(a), vget_low_u32(b)));
+  const uint32x4_t p1 = vreinterpretq_u32_u64(vmull_high_u32(a, b));
+  lo = vuzp1q_u32(p0, p1);
+  hi = vuzp2q_u32(p0, p1);
+}
+
+static inline void philox8(uint64_t seed, uint64_t c, v8u& w0, v8u& w1) {
+  uint32x4_t c0[2], c1[2], c2[2], c3[2];
+  for (int h = 0; h < 2; ++h) {
+    uint32_t lo[4], hi[4];
+    for (int l = 0; l < 4; ++l) {
+      lo[l] = (uint32_t)(c + 4 * h + l);
+      hi[l] = (uint32_t)((c + 4 * h + l) >> 32);
+    }
+    c0[h] = vld1q_u32(lo);
+    c1[h] = vld1q_u32(hi);
+    c2[h] = c3[h] = vdupq_n_u32(0);
+  }
+  const uint32x4_t ra = vdupq_n_u32(kPhiloxRoundA), rb = vdupq_n_u32(kPhiloxRoundB);
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+#pragma GCC unroll 10
+  for (int r = 0; r < 10; ++r) {
+    const uint32x4_t vk0 = vdupq_n_u32(k0), vk1 = vdupq_n_u32(k1);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      uint32x4_t hb, lb, ha, la;
+      mulhilo4(c2[h], rb, hb, lb);
+      mulhilo4(c0[h], ra, ha, la);
+      const uint32x4_t n0 = veorq_u32(veorq_u32(hb, c1[h]), vk0), n2 = veorq_u32(veorq_u32(ha, c3[h]), vk1);
+      c1[h] = lb;
+      c3[h] = la;
+      c0[h] = n0;
+      c2[h] = n2;
+    }
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  uint32_t o0[8], o1[8];
+  vst1q_u32(o0, c0[0]);
+  vst1q_u32(o0 + 4, c0[1]);
+  vst1q_u32(o1, c1[0]);
+  vst1q_u32(o1 + 4, c1[1]);
+  __builtin_memcpy(&w0, o0, sizeof w0);
+  __builtin_memcpy(&w1, o1, sizeof w1);
+}
+#else
 static inline void philox8(uint64_t seed, uint64_t c, v8u& w0, v8u& w1) {
   v8u c0, c1, c2 = {}, c3 = {};
   for (int l = 0; l < 8; ++l) {
@@ -54,6 +109,7 @@ static inline void philox8(uint64_t seed, uint64_t c, v8u& w0, v8u& w1) {
   w0 = c0;
   w1 = c1;
 }
+#endif
 }  // namespace
 
 void perturb_fill(uint64_t seed, uint64_t c0, int64_t n, int dist, float* out) {

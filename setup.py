@@ -26,7 +26,8 @@ VERSION = "0.1.0"
 
 
 def cpu_flags():
-    flags = ["-O3", "-std=c++17", "-fopenmp", f'-DFWDCORE_VERSION={VERSION}',
+    # -fno-trapping-math: lets GCC vectorise the float selects of csrc/core/dual_ops.cpp (no result changes)
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", f'-DFWDCORE_VERSION={VERSION}',
              f'-DFWD_TORCH_VERSION="{torch.__version__}"']
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
@@ -56,9 +57,13 @@ if torch.version.cuda and os.environ.get("FWDLLM_SKIP_CUDA_BUILD", "0") != "1" a
     ext_modules.append(
         CUDAExtension(
             "fwdkernels._C_cuda",
-            cuda_sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp"))),
-            include_dirs=[os.path.join(ROOT, "csrc", "core")],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"] + gencode},
+            # the core's sources too: the CUDA entry points report errors through its C API boundary
+            # (api.cpp: guarded_call, fwd_last_error), as in the CMake build with FWDCORE_CUDA=ON
+            core_sources + cuda_sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp"))),
+            include_dirs=[os.path.join(ROOT, "csrc", "core"), os.path.join(ROOT, "csrc", "cuda")],
+            extra_compile_args={"cxx": cpu_flags(),
+                                "nvcc": ["-O3", "-std=c++17", f"-DFWDCORE_VERSION={VERSION}"] + gencode},
+            extra_link_args=["-fopenmp"],
         )
     )
 

@@ -99,6 +99,26 @@ def _cpp(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal, scale, K):
 
 
 # ---------------------------------------------------------------------------------------------
+# cuda (csrc/cuda: one block per (b, h, query block, chunk of tangent streams); head dim <= 256)
+
+_CUDA_MAX_D = 256
+
+
+def _cuda_reasons(q=None, **_):
+    why = kernel_dtype_reasons(q.dtype)
+    if why:
+        return why
+    if q.shape[-1] > _CUDA_MAX_D:
+        return [f"supports head dim D <= {_CUDA_MAX_D}, got {q.shape[-1]}"]
+    return []
+
+
+@attention_dual_op.register("cuda", _cuda_reasons)
+def _cuda(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal, scale, K):
+    return _ext.C_CUDA.attention_dual(q, k, v, q_dot, k_dot, v_dot, attn_mask, bool(causal), float(scale), int(K))
+
+
+# ---------------------------------------------------------------------------------------------
 # triton
 
 _KERNELS = None
@@ -306,7 +326,7 @@ def attention_dual(q, k, v, q_dot=None, k_dot=None, v_dot=None, attn_mask=None, 
             (B, H, L, S) (e.g. (B, 1, 1, S) padding, (B, 1, L, S), (1, 1, L, S)).
         causal: also mask key j for query i unless j <= i + (S - L) (bottom-right aligned when S > L).
         scale: score scale, default 1 / sqrt(D).
-        backend: None (auto), "reference", "cpp" or "triton".
+        backend: None (auto), "reference", "cpp", "triton" or "cuda".
 
     A query row whose every key is masked (by attn_mask and/or causal) gets o = 0 and o_dot = 0.
 

@@ -76,6 +76,16 @@ def _cpp(x, x_dot, weight, bias, lora_A, lora_B, scaling, seeds, K, offset_A, of
 
 
 # ---------------------------------------------------------------------------------------------
+# cuda (csrc/cuda: tiled GEMMs with the perturbation slices regenerated per tile; seeds may be on the CPU)
+
+@lora_linear_dual_op.register("cuda", _cpp_reasons)
+def _cuda(x, x_dot, weight, bias, lora_A, lora_B, scaling, seeds, K, offset_A, offset_B, offset_bias, dist, A_dot,
+          B_dot, bias_dot):
+    return _ext.C_CUDA.lora_linear_dual(x, x_dot, weight, bias, lora_A, lora_B, float(scaling), seeds, K, offset_A,
+                                        offset_B, offset_bias, DISTS[dist], A_dot, B_dot, bias_dot)
+
+
+# ---------------------------------------------------------------------------------------------
 # triton
 
 _KERNELS = None

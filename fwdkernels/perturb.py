@@ -211,6 +211,17 @@ def _perturb_triton(seed, numel, offset, dist, dtype, device):
     return out.to(dtype) if interp_bf16 else out
 
 
+def _cuda_device_index(device) -> int:
+    """The CUDA device index of ``device`` for the cuda backend's bindings (-1: the current device)."""
+    index = torch.device(device).index
+    return -1 if index is None else index
+
+
+@perturb_op.register("cuda", _dtype_reasons)
+def _perturb_cuda(seed, numel, offset, dist, dtype, device):
+    return _ext.C_CUDA.perturb(seed, numel, offset, DISTS[dist], dtype, _cuda_device_index(device))
+
+
 @words_op.register("reference")
 def _words_reference(seed, numel, offset, device):
     return torch.stack(philox_reference(seed, _counters(numel, offset, device)), dim=1)
@@ -227,6 +238,11 @@ def _words_triton(seed, numel, offset, device):
     out = torch.empty((numel, 4), dtype=torch.int64, device=device)
     kern[((numel + _BLOCK - 1) // _BLOCK,)](out, seed, offset, numel, BLOCK=_BLOCK)
     return out
+
+
+@words_op.register("cuda")
+def _words_cuda(seed, numel, offset, device):
+    return _ext.C_CUDA.philox_words(seed, numel, offset, _cuda_device_index(device))
 
 
 @torch.library.custom_op("fwdkernels::perturb", mutates_args=())

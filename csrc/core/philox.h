@@ -32,9 +32,9 @@ struct Words4 {
 FWD_HD Words4 philox4x32_10(uint64_t seed, uint64_t counter) {
   uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)  // nvcc's device pass; its host pass knows neither pragma
 #pragma unroll
-#elif defined(__GNUC__) && !defined(__clang__)
+#elif defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #pragma GCC unroll 10
 #endif
   for (int r = 0; r < 10; ++r) {

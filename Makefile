@@ -11,7 +11,7 @@ CMAKE_BUILD := build/cmake
 PYTEST_ARGS ?=
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: all run demo test test-py test-cpp bench build clean distclean
+.PHONY: all run demo test test-py test-cpp test-sanitize test-arm check-cuda bench build clean distclean
 
 all: build
 
@@ -58,6 +58,37 @@ test-cpp:
 	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release > /dev/null
 	cmake --build $(CMAKE_BUILD) -j2
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+# The same ctest suite (and examples/cpp) under AddressSanitizer + UndefinedBehaviorSanitizer, every
+# finding fatal (-fno-sanitize-recover=all, halt_on_error). Needs gcc's sanitizer runtimes (Debian:
+# libgcc-N-dev, which gcc-N depends on); installs them with apt-get when missing and run as root.
+SANITIZE_BUILD := build/asan
+test-sanitize:
+	@mkdir -p $(SANITIZE_BUILD)
+	@echo 'int main(void) { return 0; }' > $(SANITIZE_BUILD)/probe.c; \
+	probe() { $${CC:-cc} -fsanitize=address,undefined $(SANITIZE_BUILD)/probe.c -o $(SANITIZE_BUILD)/probe 2>/dev/null; }; \
+	if ! probe; then \
+	  pkg=libgcc-$$($${CC:-cc} -dumpversion | cut -d. -f1)-dev; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+	    echo "test-sanitize: no sanitizer runtime, installing $$pkg"; \
+	    apt-get install -y -q $$pkg > /dev/null || { apt-get update -q > /dev/null && apt-get install -y -q $$pkg > /dev/null; }; \
+	  fi; \
+	  probe || { echo "test-sanitize: the compiler cannot link -fsanitize=address,undefined: install libasan and libubsan (Debian/Ubuntu: apt-get install $$pkg)" >&2; exit 1; }; \
+	fi
+	cmake -S . -B $(SANITIZE_BUILD) -DFWDCORE_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo > /dev/null
+	cmake --build $(SANITIZE_BUILD) -j2
+	ctest --test-dir $(SANITIZE_BUILD) --output-on-failure
+
+# The core cross-built for aarch64 (cmake/aarch64-linux-gnu.cmake), ctest under qemu-aarch64, and its
+# golden dump compared with this machine's (installs g++-aarch64-linux-gnu and qemu-user when missing).
+test-arm:
+	bash scripts/test-arm.sh
+
+# Compile check of the CUDA layer (csrc/cuda) with the machine's nvcc for sm_80 and sm_90 (libfwdcore
+# with FWDCORE_CUDA=ON, every warning an error) and of its torch bindings against the venv's torch
+# headers; no GPU needed, nothing runs. Skipped with a message where there is no nvcc.
+check-cuda:
+	bash scripts/check-cuda.sh
 
 bench: build
 	$(PYTHON) -m pytest bench -q --benchmark-json=bench/.last.json $(PYTEST_ARGS)

@@ -481,7 +481,7 @@ bool mul_ok(int64_t x, int64_t y) { return x == 0 || y <= INT64_MAX / x; }
 
 }  // namespace
 
-void attention_dual(const fwd_attention_dual_args& a) {
+void validate_attention_dual(const fwd_attention_dual_args& a) {
   // Each check names the offending argument and its value (the C API's contract, test_errors.cpp).
   const struct {
     int64_t v;
@@ -530,6 +530,10 @@ void attention_dual(const fwd_attention_dual_args& a) {
                                ", " + num(a.mask_stride[1]) + ", " + num(a.mask_stride[2]) + ", " +
                                num(a.mask_stride[3]) + ")");
   }
+}
+
+void attention_dual(const fwd_attention_dual_args& a) {
+  validate_attention_dual(a);
   if (a.dtype == FWD_F32)
     run<float>(a);
   else

@@ -47,6 +47,10 @@ void perturb_combine(const uint64_t* seeds, const float* coefs, int64_t n_seeds,
                      int dist, float* out, int nt);
 void lora_linear_dual(const fwd_lora_dual_args& a);
 void attention_dual(const fwd_attention_dual_args& a);  // validates (throws ArgError), then runs
+// The argument checks of fwd_lora_linear_dual / fwd_attention_dual (throw ArgError naming the argument);
+// the CUDA entry points run them too, then their device-side checks.
+void validate_lora_dual(const fwd_lora_dual_args& a);
+void validate_attention_dual(const fwd_attention_dual_args& a);
 void sgemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
               int64_t ldc, int nt);
 

@@ -226,56 +226,13 @@ __global__ void __launch_bounds__(kAttnThreads) k_attention_dual(fwd_attention_d
 // ---------------------------------------------------------------------------------------------------
 // Host side
 
-// The checks of the CPU entry point (same messages), then the CUDA-specific ones.
+// The checks of the CPU entry point (the core's validate_attention_dual: same messages), then the
+// CUDA-specific ones.
 void validate(const fwd_attention_dual_args* args) {
   need_ptr(args, "args");
   const fwd_attention_dual_args& a = *args;
-  const struct {
-    int64_t v;
-    const char* name;
-  } dims[] = {{a.B, "B"}, {a.H, "H"}, {a.Hkv, "Hkv"}, {a.L, "L"}, {a.S, "S"}, {a.D, "D"}};
-  for (const auto& d : dims) need(d.v > 0, FWD_ERR_SIZE, std::string(d.name) + " must be positive, got " + num(d.v));
-  need(a.K >= 0, FWD_ERR_SIZE, "K (number of tangents) must be non-negative, got " + num(a.K));
-  need(a.K < (int64_t)1 << 30, FWD_ERR_SIZE, "K is too large: " + num(a.K));
-  need(a.H % a.Hkv == 0, FWD_ERR_SIZE,
-       "H (" + num(a.H) + ") must be a multiple of Hkv (" + num(a.Hkv) + ") for grouped-query attention");
-  need(a.dtype == FWD_F32 || a.dtype == FWD_BF16, FWD_ERR_ARG,
-       "dtype must be FWD_F32 (0) or FWD_BF16 (1), got " + num(a.dtype));
-  const struct {
-    const void* p;
-    const char* name;
-  } ptrs[] = {{a.q, "q"}, {a.k, "k"}, {a.v, "v"}, {a.o, "o"}};
-  for (const auto& p : ptrs) need(p.p != nullptr, FWD_ERR_NULL, std::string(p.name) + " is NULL");
-  if (a.K > 0) {
-    need(a.o_dot != nullptr, FWD_ERR_NULL, "o_dot is NULL but K = " + num(a.K));
-  } else {
-    need(!a.q_dot, FWD_ERR_ARG, "q_dot was given but K = 0");
-    need(!a.k_dot, FWD_ERR_ARG, "k_dot was given but K = 0");
-    need(!a.v_dot, FWD_ERR_ARG, "v_dot was given but K = 0");
-  }
-  if (a.mask)
-    for (int d = 0; d < 4; ++d)
-      need(a.mask_stride[d] >= 0, FWD_ERR_SIZE,
-           "mask_stride[" + std::to_string(d) + "] must be non-negative, got " + num(a.mask_stride[d]));
-  need(isfinite(a.scale), FWD_ERR_ARG, "scale must be finite, got " + std::to_string(a.scale));
+  fwdcore::validate_attention_dual(a);
   const int64_t kk = a.K > 0 ? a.K : 1;
-  bool ok = mul_ok(a.B, a.H) && mul_ok(a.B * a.H, a.L) && mul_ok(a.B * a.H * a.L, a.D) &&
-            mul_ok(a.B * a.H * a.L * a.D, kk) && mul_ok(a.B, a.Hkv) && mul_ok(a.B * a.Hkv, a.S) &&
-            mul_ok(a.B * a.Hkv * a.S, a.D) && mul_ok(a.B * a.Hkv * a.S * a.D, kk);
-  need(ok, FWD_ERR_SIZE,
-       "the tensor sizes overflow int64: K, B, H, Hkv, L, S, D = " + num(a.K) + ", " + num(a.B) + ", " + num(a.H) +
-           ", " + num(a.Hkv) + ", " + num(a.L) + ", " + num(a.S) + ", " + num(a.D));
-  if (a.mask) {
-    const int64_t last[4] = {a.B - 1, a.H - 1, a.L - 1, a.S - 1};
-    int64_t idx = 0;
-    for (int d = 0; d < 4 && ok; ++d) {
-      ok = mul_ok(last[d], a.mask_stride[d]) && last[d] * a.mask_stride[d] <= INT64_MAX - idx;
-      if (ok) idx += last[d] * a.mask_stride[d];
-    }
-    need(ok, FWD_ERR_SIZE, "mask_stride: the largest mask index overflows int64 (strides " + num(a.mask_stride[0]) +
-                               ", " + num(a.mask_stride[1]) + ", " + num(a.mask_stride[2]) + ", " +
-                               num(a.mask_stride[3]) + ")");
-  }
   // CUDA-specific limits
   need(a.D <= kMaxHeadDim, FWD_ERR_ARG,
        "the CUDA kernel supports head dimensions D <= " + num(kMaxHeadDim) + ", got " + num(a.D));

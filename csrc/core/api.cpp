@@ -17,6 +17,8 @@
 #define FWDCORE_VERSION 0.1.0
 #endif
 
+using namespace fwdcore;  // the need_* checks (internal.h)
+
 namespace {
 thread_local std::string g_last_error;
 
@@ -41,51 +43,12 @@ fwd_status guarded(const char* fn, F&& f) {
   }
 }
 
-void need(bool ok, fwd_status code, const std::string& msg) {
-  if (!ok) throw fwdcore::ArgError(code, msg);
-}
-std::string num(int64_t v) { return std::to_string((long long)v); }
 std::string fnum(float v) {
   char buf[32];
   snprintf(buf, sizeof buf, "%g", (double)v);
   return buf;
 }
 
-void need_positive(int64_t v, const char* name) {
-  need(v > 0, FWD_ERR_SIZE, std::string(name) + " must be positive, got " + num(v));
-}
-void need_nonnegative(int64_t v, const char* name) {
-  need(v >= 0, FWD_ERR_SIZE, std::string(name) + " must be non-negative, got " + num(v));
-}
-void need_ptr(const void* p, const char* name) { need(p != nullptr, FWD_ERR_NULL, std::string(name) + " is NULL"); }
-// A leading dimension must hold a whole row.
-void need_ld(int64_t ld, const char* ld_name, int64_t row, const char* row_name) {
-  need(ld >= row, FWD_ERR_SIZE,
-       std::string(ld_name) + " (" + num(ld) + ") is smaller than its row length " + row_name + " (" + num(row) + ")");
-}
-void need_dist(int dist) {
-  need(dist == FWD_DIST_RADEMACHER || dist == FWD_DIST_NORMAL, FWD_ERR_ARG,
-       "dist must be FWD_DIST_RADEMACHER (0) or FWD_DIST_NORMAL (1), got " + num(dist));
-}
-void need_dtype(int dtype, const char* name) {
-  need(dtype == FWD_F32 || dtype == FWD_BF16, FWD_ERR_ARG,
-       std::string(name) + " must be FWD_F32 (0) or FWD_BF16 (1), got " + num(dtype));
-}
-bool mul_ok(int64_t x, int64_t y) { return x == 0 || y <= INT64_MAX / x; }  // x, y >= 0
-// rows rows of `len` elements `ld` apart (all positive): the last element's index must fit in int64.
-void need_extent(int64_t rows, int64_t ld, int64_t len, const char* name) {
-  need(mul_ok(rows - 1, ld) && (rows - 1) * ld <= INT64_MAX - len, FWD_ERR_SIZE,
-       std::string(name) + ": " + num(rows) + " rows of leading dimension " + num(ld) + " overflow int64");
-}
-void need_product(int64_t x, int64_t y, const char* what) {
-  need(mul_ok(x, y), FWD_ERR_SIZE, std::string(what) + " = " + num(x) + " * " + num(y) + " overflows int64");
-}
-
-// Counters are offset + index as int64: the slice [offset, offset + n) must stay below 2^63.
-void need_range(int64_t offset, int64_t n, const char* what) {
-  need(n <= INT64_MAX - offset, FWD_ERR_SIZE,
-       std::string(what) + ": offset " + num(offset) + " + " + num(n) + " elements exceeds the int64 counter range");
-}
 }  // namespace
 
 namespace fwdcore {
@@ -95,6 +58,27 @@ void set_last_error(const std::string& msg) { g_last_error = msg; }
 }  // namespace fwdcore
 
 namespace fwdcore {
+// The checks of fwd_perturb / fwd_perturb_combine (also run by their CUDA entry points).
+void validate_perturb(int64_t n, int64_t offset, int dist, int out_dtype, const void* out) {
+  need_positive(n, "n");
+  need_nonnegative(offset, "offset");
+  need_ptr(out, "out");
+  need_dist(dist);
+  need_dtype(out_dtype, "out_dtype");
+  need_range(offset, n, "offset + n");
+}
+void validate_perturb_combine(const uint64_t* seeds, const float* coefs, int64_t n_seeds, int64_t n, int64_t offset,
+                              int dist, const float* out) {
+  need_positive(n, "n");
+  need_positive(n_seeds, "n_seeds");
+  need_nonnegative(offset, "offset");
+  need_ptr(seeds, "seeds");
+  need_ptr(coefs, "coefs");
+  need_ptr(out, "out");
+  need_dist(dist);
+  need_range(offset, n, "offset + n");
+}
+
 // The checks of fwd_lora_linear_dual (also run by the CUDA entry point before its device-side ones).
 void validate_lora_dual(const fwd_lora_dual_args& a) {
   need_positive(a.M, "M");
@@ -195,12 +179,7 @@ fwd_status fwd_philox_words(uint64_t seed, int64_t n, int64_t offset, uint32_t* 
 fwd_status fwd_perturb(uint64_t seed, int64_t n, int64_t offset, int dist, int out_dtype, void* out,
                        int num_threads) {
   return guarded("fwd_perturb", [&] {
-    need_positive(n, "n");
-    need_nonnegative(offset, "offset");
-    need_ptr(out, "out");
-    need_dist(dist);
-    need_dtype(out_dtype, "out_dtype");
-    need_range(offset, n, "offset + n");
+    fwdcore::validate_perturb(n, offset, dist, out_dtype, out);
     fwdcore::perturb(seed, n, offset, dist, out_dtype, out, fwdcore::resolve_threads(num_threads));
   });
 }
@@ -208,14 +187,7 @@ fwd_status fwd_perturb(uint64_t seed, int64_t n, int64_t offset, int dist, int o
 fwd_status fwd_perturb_combine(const uint64_t* seeds, const float* coefs, int64_t n_seeds, int64_t n,
                                int64_t offset, int dist, float* out, int num_threads) {
   return guarded("fwd_perturb_combine", [&] {
-    need_positive(n, "n");
-    need_positive(n_seeds, "n_seeds");
-    need_nonnegative(offset, "offset");
-    need_ptr(seeds, "seeds");
-    need_ptr(coefs, "coefs");
-    need_ptr(out, "out");
-    need_dist(dist);
-    need_range(offset, n, "offset + n");
+    fwdcore::validate_perturb_combine(seeds, coefs, n_seeds, n, offset, dist, out);
     fwdcore::perturb_combine(seeds, coefs, n_seeds, n, offset, dist, out, fwdcore::resolve_threads(num_threads));
   });
 }

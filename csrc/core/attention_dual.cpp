@@ -39,11 +39,6 @@ constexpr int64_t BQ = 32;   // query rows per task
 constexpr int64_t BKV = 64;  // keys per block
 constexpr int64_t CH = 16;   // column chunk of the value-side products; D is padded to a multiple in the workspace
 
-void need(bool ok, fwd_status code, const std::string& msg) {
-  if (!ok) throw ArgError(code, msg);
-}
-std::string num(int64_t v) { return std::to_string((long long)v); }
-
 template <typename T>
 inline void load_row(const T* __restrict src, int64_t D, int64_t Dp, float* __restrict dst) {
   for (int64_t d = 0; d < D; ++d) dst[d] = to_f32(src[d]);
@@ -476,8 +471,6 @@ void run(const fwd_attention_dual_args& a) {
     }
   }
 }
-
-bool mul_ok(int64_t x, int64_t y) { return x == 0 || y <= INT64_MAX / x; }
 
 }  // namespace
 

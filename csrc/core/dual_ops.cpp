@@ -26,11 +26,6 @@ namespace fwdcore {
 
 namespace {
 
-void need(bool ok, fwd_status code, const std::string& msg) {
-  if (!ok) throw ArgError(code, msg);
-}
-std::string num(int64_t v) { return std::to_string((long long)v); }
-
 // n * K must be addressable; every size positive (K >= 0).
 void need_sizes(int64_t n, int64_t K, const char* n_name) {
   need(n > 0, FWD_ERR_SIZE, std::string(n_name) + " must be positive, got " + num(n));
@@ -38,9 +33,6 @@ void need_sizes(int64_t n, int64_t K, const char* n_name) {
   need(K < (int64_t)1 << 30, FWD_ERR_SIZE, "K is too large: " + num(K));
   need(K == 0 || n <= INT64_MAX / 4 / K, FWD_ERR_SIZE,
        "K * " + std::string(n_name) + " = " + num(K) + " * " + num(n) + " overflows");
-}
-void need_dtype(int dtype) {
-  need(dtype == FWD_F32 || dtype == FWD_BF16, FWD_ERR_ARG, "dtype must be FWD_F32 (0) or FWD_BF16 (1), got " + num(dtype));
 }
 // K = 0: no tangent may be given. K > 0: y_dot is required.
 void need_tangents(int64_t K, std::initializer_list<std::pair<const char*, const void*>> tangents, const void* y_dot) {
@@ -172,7 +164,7 @@ void norm_validate(const fwd_norm_dual_args& a, bool rms) {
   need(a.rows > 0 && a.d > 0, FWD_ERR_SIZE, "rows and d must be positive, got " + num(a.rows) + ", " + num(a.d));
   need(a.rows <= INT64_MAX / a.d, FWD_ERR_SIZE, "rows * d overflows");
   need_sizes(a.rows * a.d, a.K, "rows * d");
-  need_dtype(a.dtype);
+  need_dtype(a.dtype, "dtype");
   need(a.x != nullptr && a.y != nullptr, FWD_ERR_NULL, "x and y must not be NULL");
   need(a.eps >= 0.0f, FWD_ERR_ARG, "eps must be non-negative (and not NaN), got " + std::to_string(a.eps));
   if (rms) need(a.bias == nullptr && a.bias_dot == nullptr, FWD_ERR_ARG, "RMSNorm has no bias: bias and bias_dot must be NULL");
@@ -409,7 +401,7 @@ void rotary_validate(const fwd_rotary_dual_args& a) {
   need(a.B <= INT64_MAX / a.H && a.B * a.H <= INT64_MAX / a.L && a.B * a.H * a.L <= INT64_MAX / a.D, FWD_ERR_SIZE,
        "B * H * L * D overflows");
   need_sizes(a.B * a.H * a.L * a.D, a.K, "B * H * L * D");
-  need_dtype(a.dtype);
+  need_dtype(a.dtype, "dtype");
   need(a.x && a.cos && a.sin && a.y, FWD_ERR_NULL, "x, cos, sin and y must not be NULL");
   need_tangents(a.K, {{"x_dot", a.x_dot}}, a.y_dot);
   for (int i = 0; i < 3; ++i) {
@@ -530,7 +522,7 @@ fwd_status fwd_activation_dual(int act, int64_t n, int64_t K, int dtype, const v
     need(act >= FWD_ACT_GELU && act <= FWD_ACT_TANH, FWD_ERR_ARG,
          "act must be FWD_ACT_GELU (0), FWD_ACT_GELU_TANH (1), FWD_ACT_SILU (2) or FWD_ACT_TANH (3), got " + num(act));
     need_sizes(n, K, "n");
-    need_dtype(dtype);
+    need_dtype(dtype, "dtype");
     need(x != nullptr && y != nullptr, FWD_ERR_NULL, "x and y must not be NULL");
     need_tangents(K, {{"x_dot", x_dot}}, y_dot);
     by_dtype(dtype, [&](auto t) {
@@ -544,7 +536,7 @@ fwd_status fwd_gated_act_dual(int64_t n, int64_t K, int dtype, const void* gate,
                               const void* up_dot, void* y, void* y_dot, int num_threads) {
   return guarded_call("fwd_gated_act_dual", [&] {
     need_sizes(n, K, "n");
-    need_dtype(dtype);
+    need_dtype(dtype, "dtype");
     need(gate != nullptr && up != nullptr && y != nullptr, FWD_ERR_NULL, "gate, up and y must not be NULL");
     need_tangents(K, {{"gate_dot", gate_dot}, {"up_dot", up_dot}}, y_dot);
     by_dtype(dtype, [&](auto t) {
@@ -570,7 +562,7 @@ fwd_status fwd_cross_entropy_dual(int64_t N, int64_t C, int64_t K, int dtype, co
     need(N > 0 && C > 0, FWD_ERR_SIZE, "N and C must be positive, got " + num(N) + ", " + num(C));
     need(N <= INT64_MAX / C, FWD_ERR_SIZE, "N * C overflows");
     need_sizes(N * C, K, "N * C");
-    need_dtype(dtype);
+    need_dtype(dtype, "dtype");
     need(logits && labels && loss, FWD_ERR_NULL, "logits, labels and loss must not be NULL");
     if (K == 0)
       need(logits_dot == nullptr, FWD_ERR_ARG, "logits_dot was given but K = 0 (primal only)");

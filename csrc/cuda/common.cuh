@@ -111,47 +111,21 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t stream
 namespace FWDCUDA_NS {
 
 // ---------------------------------------------------------------------------------------------------
-// Host-side validation, in the style of the core's api.cpp (each message names the argument and value).
+// Host-side validation: the core's checks (internal.h), plus grid limits and device pointers.
 
-inline void need(bool ok, fwd_status code, const std::string& msg) {
-  if (!ok) throw fwdcore::ArgError(code, msg);
-}
-inline std::string num(int64_t v) { return std::to_string((long long)v); }
-inline void need_positive(int64_t v, const char* name) {
-  need(v > 0, FWD_ERR_SIZE, std::string(name) + " must be positive, got " + num(v));
-}
-inline void need_nonnegative(int64_t v, const char* name) {
-  need(v >= 0, FWD_ERR_SIZE, std::string(name) + " must be non-negative, got " + num(v));
-}
-inline void need_ptr(const void* p, const char* name) {
-  need(p != nullptr, FWD_ERR_NULL, std::string(name) + " is NULL");
-}
-inline void need_dist(int dist) {
-  need(dist == FWD_DIST_RADEMACHER || dist == FWD_DIST_NORMAL, FWD_ERR_ARG,
-       "dist must be FWD_DIST_RADEMACHER (0) or FWD_DIST_NORMAL (1), got " + num(dist));
-}
-inline void need_dtype(int dtype, const char* name) {
-  need(dtype == FWD_F32 || dtype == FWD_BF16, FWD_ERR_ARG,
-       std::string(name) + " must be FWD_F32 (0) or FWD_BF16 (1), got " + num(dtype));
-}
-inline bool mul_ok(int64_t x, int64_t y) { return x == 0 || y <= INT64_MAX / x; }  // x, y >= 0
-inline void need_product(int64_t x, int64_t y, const char* what) {
-  need(mul_ok(x, y), FWD_ERR_SIZE, std::string(what) + " = " + num(x) + " * " + num(y) + " overflows int64");
-}
-// Counters are offset + index as int64: the slice [offset, offset + n) must stay below 2^63.
-inline void need_range(int64_t offset, int64_t n, const char* what) {
-  need(n <= INT64_MAX - offset, FWD_ERR_SIZE,
-       std::string(what) + ": offset " + num(offset) + " + " + num(n) + " elements exceeds the int64 counter range");
-}
-// rows rows of `len` elements `ld` apart: the last element's index must fit in int64.
-inline void need_extent(int64_t rows, int64_t ld, int64_t len, const char* name) {
-  need(mul_ok(rows - 1, ld) && (rows - 1) * ld <= INT64_MAX - len, FWD_ERR_SIZE,
-       std::string(name) + ": " + num(rows) + " rows of leading dimension " + num(ld) + " overflow int64");
-}
-inline void need_ld(int64_t ld, const char* ld_name, int64_t row, const char* row_name) {
-  need(ld >= row, FWD_ERR_SIZE,
-       std::string(ld_name) + " (" + num(ld) + ") is smaller than its row length " + row_name + " (" + num(row) + ")");
-}
+using fwdcore::mul_ok;
+using fwdcore::need;
+using fwdcore::need_dist;
+using fwdcore::need_dtype;
+using fwdcore::need_extent;
+using fwdcore::need_ld;
+using fwdcore::need_nonnegative;
+using fwdcore::need_positive;
+using fwdcore::need_product;
+using fwdcore::need_ptr;
+using fwdcore::need_range;
+using fwdcore::num;
+
 // Grid dimension limits: x < 2^31, y and z <= 65535.
 inline unsigned grid_x(int64_t n, const char* what) {
   need(n >= 1 && n <= 0x7fffffffLL, FWD_ERR_SIZE, std::string(what) + ": " + num(n) + " blocks exceed the CUDA grid");

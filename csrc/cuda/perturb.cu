@@ -104,12 +104,7 @@ fwd_status fwd_cuda_philox_words(uint64_t seed, int64_t n, int64_t offset, uint3
 fwd_status fwd_cuda_perturb(uint64_t seed, int64_t n, int64_t offset, int dist, int out_dtype, void* out,
                             void* stream) {
   return fwdcore::guarded_call("fwd_cuda_perturb", [&] {
-    need_positive(n, "n");
-    need_nonnegative(offset, "offset");
-    need_ptr(out, "out");
-    need_dist(dist);
-    need_dtype(out_dtype, "out_dtype");
-    need_range(offset, n, "offset + n");
+    fwdcore::validate_perturb(n, offset, dist, out_dtype, out);
     need_device(out, "out");
     const dim3 grid(stride_blocks(n, kThreads)), block(kThreads);
     if (out_dtype == FWD_BF16)
@@ -122,14 +117,7 @@ fwd_status fwd_cuda_perturb(uint64_t seed, int64_t n, int64_t offset, int dist, 
 fwd_status fwd_cuda_perturb_combine(const uint64_t* seeds, const float* coefs, int64_t n_seeds, int64_t n,
                                     int64_t offset, int dist, float* out, void* stream) {
   return fwdcore::guarded_call("fwd_cuda_perturb_combine", [&] {
-    need_positive(n, "n");
-    need_positive(n_seeds, "n_seeds");
-    need_nonnegative(offset, "offset");
-    need_ptr(seeds, "seeds");
-    need_ptr(coefs, "coefs");
-    need_ptr(out, "out");
-    need_dist(dist);
-    need_range(offset, n, "offset + n");
+    fwdcore::validate_perturb_combine(seeds, coefs, n_seeds, n, offset, dist, out);
     need_device(seeds, "seeds");
     need_device(coefs, "coefs");
     need_device(out, "out");

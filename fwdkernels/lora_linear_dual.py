@@ -72,7 +72,14 @@ def _cpp_reasons(x=None, **_):
 def _cpp(x, x_dot, weight, bias, lora_A, lora_B, scaling, seeds, K, offset_A, offset_B, offset_bias, dist, A_dot,
          B_dot, bias_dot):
     return _ext.C.lora_linear_dual(x, x_dot, weight, bias, lora_A, lora_B, float(scaling), seeds, K, offset_A,
-                                   offset_B, offset_bias, DISTS[dist], A_dot, B_dot, bias_dot)
+                                   offset_B, offset_bias, DISTS[dist], A_dot, B_dot, bias_dot, True)
+
+
+def _cpp_tangents(x, x_dot, weight, bias, lora_A, lora_B, scaling, seeds, K, offset_A, offset_B, offset_bias, dist,
+                  A_dot, B_dot, bias_dot):
+    """The cpp kernel without the primal rows (y is (0, d_out))."""
+    return _ext.C.lora_linear_dual(x, x_dot, weight, bias, lora_A, lora_B, float(scaling), seeds, K, offset_A,
+                                   offset_B, offset_bias, DISTS[dist], A_dot, B_dot, bias_dot, False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,16 +293,22 @@ def _lora_linear_dual_custom(x: torch.Tensor, x_dot: torch.Tensor | None, weight
                              bias: torch.Tensor | None, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
                              scaling: float, seeds: torch.Tensor | None, K: int, offset_A: int, offset_B: int,
                              offset_bias: int, dist: str, A_dot: torch.Tensor | None, B_dot: torch.Tensor | None,
-                             bias_dot: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return lora_linear_dual_op.impl(backend)(x, x_dot, weight, bias, lora_A, lora_B, scaling, seeds, K, offset_A,
-                                             offset_B, offset_bias, dist, A_dot, B_dot, bias_dot)
+                             bias_dot: torch.Tensor | None, backend: str,
+                             primal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (x, x_dot, weight, bias, lora_A, lora_B, scaling, seeds, K, offset_A, offset_B, offset_bias, dist, A_dot,
+            B_dot, bias_dot)
+    if not primal and backend == "cpp":
+        return _cpp_tangents(*args)
+    y, y_dot = lora_linear_dual_op.impl(backend)(*args)
+    # backends without a tangents-only path compute the primal and drop it
+    return (y if primal else y.new_empty((0, y.shape[1]))), y_dot
 
 
 @_lora_linear_dual_custom.register_fake
 def _(x, x_dot, weight, bias, lora_A, lora_B, scaling, seeds, K, offset_A, offset_B, offset_bias, dist, A_dot,
-      B_dot, bias_dot, backend):
+      B_dot, bias_dot, backend, primal=True):
     M, d_out = x.shape[0], weight.shape[0]
-    return x.new_empty((M, d_out)), x.new_empty((K, M, d_out))
+    return x.new_empty((M if primal else 0, d_out)), x.new_empty((K, M, d_out))
 
 
 def _shape_err(name, t, want):
@@ -303,7 +316,8 @@ def _shape_err(name, t, want):
 
 
 def lora_linear_dual(x, x_dot, weight, bias, lora_A, lora_B, scaling, seeds, offset_A=0, offset_B=0,
-                     dist="rademacher", backend=None, *, offset_bias=None, A_dot=None, B_dot=None, bias_dot=None):
+                     dist="rademacher", backend=None, *, offset_bias=None, A_dot=None, B_dot=None, bias_dot=None,
+                     primal=True):
     """Dual of ``y = x W^T + b + s (x A^T) B^T`` for K perturbations.
 
     Args:
@@ -319,9 +333,12 @@ def lora_linear_dual(x, x_dot, weight, bias, lora_A, lora_B, scaling, seeds, off
         backend: None (auto), "reference", "cpp", "triton" or "cuda".
         offset_bias: offset of a trainable (BitFit) bias, or None if the bias is frozen.
         A_dot (K, r, d_in), B_dot (K, d_out, r), bias_dot (K, d_out): explicit tangents instead of seeds.
+        primal: False returns (None, y_dot) and the cpp backend skips the primal rows (for a caller that
+            already holds y: the tangents of a row subset computed later).
 
     Returns:
-        (y, y_dot): y (..., d_out), y_dot (K, ..., d_out), in x's dtype (float32 accumulation).
+        (y, y_dot): y (..., d_out) (None when primal=False), y_dot (K, ..., d_out), in x's dtype (float32
+        accumulation).
     """
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("lora_linear_dual: x and weight must be tensors")
@@ -427,5 +444,5 @@ def lora_linear_dual(x, x_dot, weight, bias, lora_A, lora_B, scaling, seeds, off
         seeds = seeds.cpu()
     y, y_dot = torch.ops.fwdkernels.lora_linear_dual(
         x2, x_dot, weight, bias, lora_A, lora_B, scaling, seeds, K, int(offset_A), int(offset_B), ob, dist,
-        A_dot, B_dot, bias_dot, b)
-    return y.reshape(*lead, d_out), y_dot.reshape(K, *lead, d_out)
+        A_dot, B_dot, bias_dot, b, bool(primal))
+    return (y.reshape(*lead, d_out) if primal else None), y_dot.reshape(K, *lead, d_out)

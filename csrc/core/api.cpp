@@ -92,7 +92,7 @@ void validate_lora_dual(const fwd_lora_dual_args& a) {
   const bool tangents = a.K > 0;  // K = 0: the primal only
   need_ptr(a.x, "x");
   need_ptr(a.W, "W");
-  need_ptr(a.y, "y");
+  if (!tangents) need_ptr(a.y, "y");  // y may be NULL with tangents: tangents only
   if (tangents) {
     need_ptr(a.y_dot, "y_dot");
   } else {
@@ -103,7 +103,7 @@ void validate_lora_dual(const fwd_lora_dual_args& a) {
   }
   need_ld(a.ldx, "ldx", a.d_in, "d_in");
   need_ld(a.ldw, "ldw", a.d_in, "d_in");
-  need_ld(a.ldy, "ldy", a.d_out, "d_out");
+  if (a.y) need_ld(a.ldy, "ldy", a.d_out, "d_out");
   if (tangents) need_ld(a.ldy_dot, "ldy_dot", a.d_out, "d_out");
   if (a.x_dot) need_ld(a.ldx_dot, "ldx_dot", a.d_in, "d_in");
   need((a.A == nullptr) == (a.B == nullptr), FWD_ERR_NULL,
@@ -126,7 +126,7 @@ void validate_lora_dual(const fwd_lora_dual_args& a) {
   // Every index the kernel forms must fit in int64.
   need_extent(a.M, a.ldx, a.d_in, "x");
   need_extent(a.d_out, a.ldw, a.d_in, "W");
-  need_extent(a.M, a.ldy, a.d_out, "y");
+  if (a.y) need_extent(a.M, a.ldy, a.d_out, "y");
   const int64_t kk = tangents ? a.K : 1;
   need_product(kk + 1, a.M, "(K + 1) * M");
   need_product((kk + 1) * a.M, a.d_out, "(K + 1) * M * d_out");

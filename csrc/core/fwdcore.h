@@ -79,7 +79,9 @@ FWD_API uint64_t fwd_derive_seed(uint64_t base, const int64_t* ints, int n);
  * Inputs are float32 or bfloat16 (in_dtype, for x, x_dot, W, A, B, bias and explicit tangents);
  * accumulation is float32; y, y_dot have out_dtype. All matrices contiguous in their last dim.
  * K = 0 computes the primal y only: x_dot, A_dot, B_dot and bias_dot must then be NULL, y_dot, seeds
- * and the offsets are ignored. scaling must be finite when A/B are given.
+ * and the offsets are ignored. y = NULL (with K > 0) computes the tangents only: the primal rows are
+ * skipped (a caller that already has y, e.g. computing the tangents of a row subset later).
+ * scaling must be finite when A/B are given.
  */
 typedef struct {
   int64_t M, d_in, d_out, r, K;
@@ -95,7 +97,7 @@ typedef struct {
   int64_t offset_A, offset_B, offset_bias;    /* offset_bias < 0: bias is frozen (no tangent) */
   int dist;
   const void* A_dot; const void* B_dot; const void* bias_dot; /* explicit tangents or NULL */
-  void* y; int64_t ldy;                       /* (M, d_out) */
+  void* y; int64_t ldy;                       /* (M, d_out), or NULL: tangents only (K > 0) */
   void* y_dot; int64_t ldy_dot;               /* (K, M, d_out) rows at y_dot + (k*M + m)*ldy_dot */
   int num_threads;
 } fwd_lora_dual_args;

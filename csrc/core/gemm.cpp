@@ -333,7 +333,7 @@ static void run_impl(int G, int64_t M, int64_t N, std::vector<GemmSegment>& segs
 #pragma omp for schedule(static) collapse(2)
         for (int64_t g = 0; g < G; ++g)
           for (int64_t i = 0; i < M; ++i) {
-            if (written[g]) continue;
+            if (written[g] || !out.c[g]) continue;  // a null output: the caller skips that group
             float* row = out.c[g] + i * out.ldc[g] + jc;
             const float* init = out.init.empty() ? nullptr : out.init[g];
             if (init)

@@ -31,6 +31,7 @@ void run(const fwd_lora_dual_args& a) {
   const bool lora = a.A != nullptr;
   const int64_t r = lora ? a.r : 0;
   const bool has_xdot = a.x_dot != nullptr;
+  const bool primal = a.y != nullptr;  // else the tangents only: group 0 (the primal rows) is skipped
   const bool bias_trainable = a.bias_dot != nullptr || a.offset_bias >= 0;
   const int nt = resolve_threads(a.num_threads);
   const float s = a.scaling;
@@ -50,7 +51,7 @@ void run(const fwd_lora_dual_args& a) {
   out.ldc.resize(G);
   if (a.out_dtype == FWD_F32) {
     out.c[0] = (float*)a.y;
-    out.ldc[0] = a.ldy;
+    out.ldc[0] = primal ? a.ldy : d_out;
     for (int64_t k = 0; k < K; ++k) {
       out.c[1 + k] = (float*)a.y_dot + k * M * a.ldy_dot;
       out.ldc[1 + k] = a.ldy_dot;
@@ -58,7 +59,7 @@ void run(const fwd_lora_dual_args& a) {
   } else {
     scratch.resize((size_t)G * M * d_out);
     for (int g = 0; g < G; ++g) {
-      out.c[g] = scratch.data() + (size_t)g * M * d_out;
+      out.c[g] = g == 0 && !primal ? nullptr : scratch.data() + (size_t)g * M * d_out;
       out.ldc[g] = d_out;
     }
   }
@@ -156,7 +157,7 @@ void run(const fwd_lora_dual_args& a) {
     GemmSegment sg;
     sg.kdim = d_in;
     sg.active.assign(G, has_xdot ? 1 : 0);
-    sg.active[0] = 1;
+    sg.active[0] = primal;
     sg.pack_a = [&](int g, int64_t i0, int64_t n, int64_t p0, int64_t kc, int Pn, float* dst) {
       if (g == 0)
         pack_panel(x.row(i0), x.ld, n, p0, kc, Pn, dst);
@@ -174,6 +175,7 @@ void run(const fwd_lora_dual_args& a) {
     sg.b_per_group = true;
     sg.fuse_with_prev = true;
     sg.active.assign(G, 1);
+    sg.active[0] = primal;
     sg.pack_a = [&](int g, int64_t i0, int64_t n, int64_t p0, int64_t kc, int Pn, float* dst) {
       if (g == 0)
         pack_panel_gen(n, kc, Pn, dst, [&](int64_t i, int64_t p) -> float {
@@ -207,7 +209,7 @@ void run(const fwd_lora_dual_args& a) {
   if (a.out_dtype != FWD_F32) {
     uint16_t* y = (uint16_t*)a.y;
     uint16_t* yd = (uint16_t*)a.y_dot;
-    for (int g = 0; g < G; ++g)
+    for (int g = primal ? 0 : 1; g < G; ++g)
       for (int64_t m = 0; m < M; ++m) {
         uint16_t* dst = g == 0 ? y + m * a.ldy : yd + ((g - 1) * M + m) * a.ldy_dot;
         const float* src = out.c[g] + m * d_out;

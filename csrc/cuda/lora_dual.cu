@@ -227,6 +227,7 @@ void validate(const fwd_lora_dual_args* args) {
   need_ptr(args, "args");
   const fwd_lora_dual_args& a = *args;
   fwdcore::validate_lora_dual(a);
+  need_ptr(a.y, "y (the CUDA kernel always writes the primal; the tangents-only mode is CPU-only)");
   const bool tangents = a.K > 0, lora = a.A != nullptr;
   const bool gen_any = tangents && ((lora && (!a.A_dot || !a.B_dot)) || (!a.bias_dot && a.offset_bias >= 0));
   // the grids

@@ -67,8 +67,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_dual(
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_A,
     const c10::optional<at::Tensor>& lora_B, double scaling, const c10::optional<at::Tensor>& seeds, int64_t K,
     int64_t offset_A, int64_t offset_B, int64_t offset_bias, int64_t dist, const c10::optional<at::Tensor>& A_dot,
-    const c10::optional<at::Tensor>& B_dot, const c10::optional<at::Tensor>& bias_dot) {
+    const c10::optional<at::Tensor>& B_dot, const c10::optional<at::Tensor>& bias_dot, bool primal) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "x must be (M, d_in) and weight (d_out, d_in)");
+  TORCH_CHECK(primal || K > 0, "the tangents only (primal=False) needs K > 0");
   const int64_t M = x.size(0), d_in = x.size(1), d_out = weight.size(0);
   const int in_dt = dtype_code(x, "x");
   at::Tensor xs = rows2d(x, "x"), ws = rows2d(weight, "weight");
@@ -100,9 +101,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_dual(
   a.scaling = (float)scaling;
   a.offset_A = offset_A; a.offset_B = offset_B; a.offset_bias = offset_bias;
   a.dist = (int)dist;
-  auto y = at::empty({M, d_out}, x.options());
+  auto y = at::empty({primal ? M : 0, d_out}, x.options());  // (0, d_out): the primal was not asked for
   auto y_dot = at::empty({K, M, d_out}, x.options());
-  a.y = y.data_ptr(); a.ldy = d_out;
+  a.y = primal ? y.data_ptr() : nullptr; a.ldy = d_out;
   a.y_dot = y_dot.data_ptr(); a.ldy_dot = d_out;
   a.num_threads = at::get_num_threads();
   check_status(fwd_lora_linear_dual(&a));

@@ -218,7 +218,7 @@ static void test_lora() {
       {"dist < 0", [](Lora& L) { L.a.dist = -1; }, FWD_ERR_ARG, "got -1"},
       {"x NULL", [](Lora& L) { L.a.x = nullptr; }, FWD_ERR_NULL, "x is NULL"},
       {"W NULL", [](Lora& L) { L.a.W = nullptr; }, FWD_ERR_NULL, "W is NULL"},
-      {"y NULL", [](Lora& L) { L.a.y = nullptr; }, FWD_ERR_NULL, "y is NULL"},
+      {"y NULL with K = 0", [](Lora& L) { L.a.y = nullptr; L.a.K = 0; }, FWD_ERR_NULL, "y is NULL"},
       {"y_dot NULL", [](Lora& L) { L.a.y_dot = nullptr; }, FWD_ERR_NULL, "y_dot is NULL"},
       {"ldx < d_in", [](Lora& L) { L.a.ldx = 2; }, FWD_ERR_SIZE, "ldx (2) is smaller than its row length d_in (3)"},
       {"ldx < 0", [](Lora& L) { L.a.ldx = -3; }, FWD_ERR_SIZE, "ldx (-3)"},

@@ -10,7 +10,7 @@ MLP, rotary, embedding, residual add, small dense, cross-entropy / causal-LM / M
 Backends (reference / cpp / triton / cuda) are chosen per call; see fwdkernels.backends.
 """
 from . import _ext, dual_ops
-from .backends import available_backends
+from .backends import available_backends, fallback_report, reset_fallback_report
 from .perturb import derive_seed, perturb, perturb_combine, philox_words, seed_to_int64
 from .lora_linear_dual import lora_linear_dual, lora_linear_dual_op
 from .attention_dual import attention_dual, attention_dual_op
@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "available_backends",
+    "fallback_report",
+    "reset_fallback_report",
     "attention_dual",
     "derive_seed",
     "lora_linear_dual",

@@ -4,7 +4,11 @@ Every op file registers one implementation per backend together with a ``reasons
 function listing why that backend cannot serve those inputs (empty list: it can). Dispatch walks the
 device's preference order and takes the first backend with no reasons; when a backend is forced
 (``backend=`` argument or the ``FWDKERNELS_BACKEND`` environment variable) and cannot serve, the call
-fails with every reason instead of silently falling back.
+fails with every reason instead of silently falling back. One exception: an op that has no
+implementation at all for the backend forced by ``FWDKERNELS_BACKEND`` (e.g. ``layer_norm_dual`` under
+``triton``) takes the automatic choice, so a whole model runs with the forced backend wherever it has a
+kernel. Every call that did not get the backend it asked for (that one, and automatic choices that
+skipped a preferred backend: e.g. float16 on the CPU) is counted in :func:`fallback_report`.
 
 Backends:
   reference  pure PyTorch, any device; float64-capable; the ground truth for the others
@@ -14,6 +18,7 @@ Backends:
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -72,6 +77,19 @@ def backend_unavailable(name: str, device: torch.device | str) -> list[str]:
     return [f"unknown backend {name!r}; choose one of {BACKENDS}"]
 
 
+_FALLBACKS = collections.Counter()  # (op, asked, got, reason) -> calls
+
+
+def fallback_report() -> list[dict]:
+    """The calls that ran on another backend than the one asked for (forced, or preferred on the
+    device), since the last reset: [{op, asked, got, reason, calls}]."""
+    return [{"op": o, "asked": a, "got": g, "reason": r, "calls": n} for (o, a, g, r), n in _FALLBACKS.items()]
+
+
+def reset_fallback_report() -> None:
+    _FALLBACKS.clear()
+
+
 @dataclass
 class _Impl:
     fn: Callable
@@ -102,19 +120,33 @@ class Op:
 
     def choose(self, device, backend: str | None = None, **inputs) -> str:
         """The backend that will run this call (see module docstring)."""
-        forced = backend or os.environ.get("FWDKERNELS_BACKEND") or None
+        env = os.environ.get("FWDKERNELS_BACKEND") or None
+        forced = backend or env
         if forced:
+            if not backend and forced in BACKENDS and forced not in self.impls:
+                # the environment forces a backend this op has no kernel for: the automatic choice,
+                # reported (an explicit backend= argument still fails loudly)
+                got = self._auto(device, record=False, **inputs)
+                _FALLBACKS[(self.name, forced, got, f"{self.name} has no {forced} implementation")] += 1
+                return got
             why = self.not_supported_reasons(forced, device, **inputs)
             if why:
                 src = "backend=" if backend else "FWDKERNELS_BACKEND="
                 raise RuntimeError(
                     f"fwdkernels.{self.name}: {src}{forced!r} cannot serve this call:\n  " + "\n  ".join(why))
             return forced
+        return self._auto(device, **inputs)
+
+    def _auto(self, device, record=True, **inputs) -> str:
+        """The first backend of the device's preference order that can serve the call."""
         dev = torch.device(device).type
+        order = PREFERENCE.get(dev, ("reference",))
         all_reasons = []
-        for b in PREFERENCE.get(dev, ("reference",)):
+        for b in order:
             why = self.not_supported_reasons(b, device, **inputs)
             if not why:
+                if all_reasons and record:
+                    _FALLBACKS[(self.name, order[0], b, "; ".join(all_reasons))] += 1
                 return b
             all_reasons += why
         raise RuntimeError(f"fwdkernels.{self.name}: no backend can serve this call:\n  " + "\n  ".join(all_reasons))

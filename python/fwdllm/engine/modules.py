@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from fwdkernels import dual_ops as D
 
 from .core import RULES, STATS, Dual, P, lazy_out, make_dual, prim_rows, rows_of, tan, tangent_K
-from .rules import _cast, _coef_out, fused_linear
+from .rules import _cast, _coef_out, deferred, fused_linear
 
 
 def _peft_lora_linear():
@@ -204,14 +204,9 @@ def rms_forward(mod, orig, variant):
             y = orig(xp)  # the module's own primal, bit for bit
         else:
             y = D.rms_norm_dual(xp, None, wp, eps)[0]
-        n = y.dim()
-
-        def fn(dim, idx):
-            yd = D.rms_norm_dual(prim_rows(xp, dim, idx, n), _cast(rows_of(x, dim, idx, n), xp.dtype), wp, eps,
-                                 weight_dot=wd)[1]
-            return _cast(yd, y.dtype)
         STATS.add("fused", "rms_norm")
-        return lazy_out(y, tangent_K(x if type(x) is Dual else w), fn, range(n - 1))
+        return deferred(y, x, lambda xs, t, inplace: D.rms_norm_dual(xs, t, wp, eps, weight_dot=wd, inplace=inplace)[1],
+                        tangent_K(x if type(x) is Dual else w), range(y.dim() - 1))
     return forward
 
 

@@ -807,26 +807,12 @@ def _fused_act(fn, name, inplace_ok=False, **kw):
                 (len(args) > 1 and isinstance(args[-1], bool) and args[-1]):
             return generic(func, args, kwargs)
         out = plain_call(func, args, kwargs)
-        xp = x._plain
         extra = {k: _arg(args, kwargs, 1, k, v) for k, v in kw.items()}
-        n = out.dim()
-        cell = [x]
-        del x
-
-        def tfn(dim, idx):
-            if dim is None:
-                xd, excl = take_sole(cell)
-                t = tan(xd)
-                if t.dtype != xp.dtype:
-                    t, excl = t.to(xp.dtype), True
-                if inplace_ok and excl:
-                    return fn(xp, t, inplace=True, **extra)[1]
-                return fn(xp, t, **extra)[1]
-            t = _cast(rows_of(cell[0], dim, idx, n), xp.dtype)
-            return fn(prim_rows(xp, dim, idx, n), t, **extra)[1]
         STATS.add("fused", name)
-        z = Lazy(tangent_K(cell[0]), out.shape, out.dtype, tfn, range(n), act=(name, cell))
-        return make_dual(out, z)
+
+        def compute(xs, t, inplace):
+            return fn(xs, t, inplace=True, **extra)[1] if inplace and inplace_ok else fn(xs, t, **extra)[1]
+        return deferred(out, x, compute, tangent_K(x), range(out.dim()), act=name)
     return rule
 
 
@@ -1146,14 +1132,36 @@ def layer_norm(func, args, kwargs):
     xp = P(x)
     out = plain_call(func, args, kwargs)
     dt = xp.dtype
+    wp, bp, wd, bd = _cast(P(w), dt), _cast(P(b), dt), _cast(tan(w), dt), _cast(tan(b), dt)
+    STATS.add("fused", "layer_norm")
+    return deferred(out, x, lambda xs, t, inplace: D.layer_norm_dual(xs, t, wp, bp, eps, weight_dot=wd, bias_dot=bd,
+                                                                      inplace=inplace)[1],
+                    next(tangent_K(v) for v in (x, w, b) if type(v) is Dual), range(out.dim() - 1))
+
+
+def deferred(out, x, compute, K, rowwise, act=None):
+    """The output of a norm over the last dim or an activation: its tangent ``compute(x rows, x_dot rows,
+    inplace)`` deferred one step (always a Lazy, also outside lazy mode), so that it is computed when a
+    consumer reads it, in place on x's tangent when the model has dropped x by then (an up-projection
+    feeding an activation; a residual sum feeding the block's last norm). ``act`` names an activation,
+    so that ``silu(gate) * up`` can take the gate from this node (rules._gated)."""
     n = out.dim()
+    xp = P(x)
+    cell = [x]
+    del x
 
     def fn(dim, idx):
-        _, yd = D.layer_norm_dual(prim_rows(xp, dim, idx, n), _cast(rows_of(x, dim, idx, n), dt), _cast(P(w), dt),
-                                  _cast(P(b), dt), eps, weight_dot=_cast(tan(w), dt), bias_dot=_cast(tan(b), dt))
-        return _cast(yd, out.dtype)
-    STATS.add("fused", "layer_norm")
-    return lazy_out(out, next(tangent_K(v) for v in (x, w, b) if type(v) is Dual), fn, range(n - 1))
+        if dim is None and type(cell[0]) is Dual:
+            xd, excl = take_sole(cell)
+            t = tan(xd)
+            if t.dtype != xp.dtype:
+                t, excl = t.to(xp.dtype), True
+            return _cast(compute(xp, t, excl), out.dtype)
+        if dim is None:  # x carries no tangent (a trainable weight / bias does)
+            return _cast(compute(xp, None, False), out.dtype)
+        return _cast(compute(prim_rows(xp, dim, idx, n), _cast(rows_of(cell[0], dim, idx, n), xp.dtype), False),
+                     out.dtype)
+    return make_dual(out, Lazy(K, out.shape, out.dtype, fn, rowwise, act=None if act is None else (act, cell)))
 
 
 if hasattr(F, "rms_norm"):
